@@ -1,0 +1,9 @@
+"""Test-wide environment: no hub access, no wandb network, deterministic CPU threads."""
+
+import os
+
+# A hub id without HF_HUB_OFFLINE retries for ~45 s before failing; with a key and no network, wandb.init hangs.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,55 @@
+import pytest
+
+from sd3.cli import main
+from sd3.config import Config, ConfigError, load_config, preset_names
+
+
+def test_presets_load_and_roundtrip():
+    assert {"tiny-cpu", "sd3-1b-256", "sd3-1b-512", "sd3-1b-1024"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(name)
+        assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_stage_values_follow_the_source_readme():
+    s256, s512, s1024 = (load_config(f"sd3-1b-{r}") for r in (256, 512, 1024))
+    assert (s256.data.batch_size, s512.data.batch_size, s1024.data.batch_size) == (140, 40, 15)
+    assert (s256.model.max_res, s512.model.max_res, s1024.model.max_res) == (256, 512, 1024)
+    assert s256.model.max_res_orig == s512.model.max_res_orig == s1024.model.max_res_orig == 256
+    assert s256.model.dim == 64 * s256.model.num_blocks and s256.model.num_heads == s256.model.num_blocks
+    t = s256.train
+    assert (t.lr, t.warmup_steps, t.ema_update_every, t.ema_decay, t.accumulation_steps) == (1e-4, 1000, 100, 0.99, 2)
+    assert (t.null_prob_pooled, t.null_prob_gemma, t.null_prob_bert) == (0.1, 0.316, 0.316)
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny-cpu", ["--train.lr=3e-4", "--topology.loader_to_model={0: [1, 2]}", "--model.text_dims=[8,4]"])
+    assert cfg.train.lr == 3e-4
+    assert cfg.topology.loader_to_model == {"0": [1, 2]}
+    assert cfg.model.text_dims == [8, 4]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--train.lr=abc", "'train.lr' expects float"),
+        ("--train.nope=1", "unknown config key 'train.nope'"),
+        ("--nope.x=1", "unknown config key 'nope.x'"),
+        ("--model.num_blocks=2.5", "'model.num_blocks' expects int"),
+        ("--train.deterministic=1", "'train.deterministic' expects bool"),
+    ],
+)
+def test_bad_override_names_key_and_type(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny-cpu", [override])
+
+
+def test_cli_bad_key_exits_2_with_one_line(capsys):
+    assert main(["info", "--config", "tiny-cpu", "--model.bogus=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.bogus" in err
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ConfigError, match="no-such-preset"):
+        load_config("no-such-preset")
