@@ -7,3 +7,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Session fixtures shared by several test packages (tiny encoders, shapes data, a tiny checkpoint) live in
+# tests/fixtures/, one file per producer; importing them here registers them with pytest.
+from fixtures.data import *  # noqa: E402,F401,F403
+from fixtures.encoders import *  # noqa: E402,F401,F403
+from fixtures.training import *  # noqa: E402,F401,F403
