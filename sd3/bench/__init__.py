@@ -1,0 +1,46 @@
+"""`sd3 bench NAME`: benchmarks that measure ratios side by side in one run and end with one line of JSON.
+
+Each benchmark is a module sd3/bench/NAME.py with `add_arguments(parser)` and `main(args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+BENCHMARKS = {
+    "model": "our MMDiT vs diffusers SD3Transformer2DModel, forward+backward, bf16 and fp32",
+    "index": "create-indices vs the source's row-by-row scan, on >= 1M rows",
+    "loader": "images/s through a loader rank and its time split (decode / each text encoder / VAE)",
+    "pipeline": "the 3-process CPU job: images/s per model rank, stall %, transport vs a bare gloo send",
+    "learn": "does the tiny model learn the shapes data: true vs shuffled caption loss, colour accuracy",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
+
+
+def main(args: argparse.Namespace) -> int | None:
+    module = importlib.import_module(f"sd3.bench.{args.name}")
+    parser = argparse.ArgumentParser(prog=f"sd3 bench {args.name}", description=BENCHMARKS[args.name])
+    module.add_arguments(parser)
+    accepts_overrides = any(a.dest == "config" for a in parser._actions)
+    if accepts_overrides:
+        inner, unknown = parser.parse_known_args(args.rest)
+        inner.overrides = [u for u in unknown if u.startswith("--") and "." in u.split("=", 1)[0]]
+        stray = [u for u in unknown if u not in inner.overrides]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    else:
+        inner = parser.parse_args(args.rest)
+    return module.main(inner)
+
+
+def print_result(figures: dict) -> None:
+    """The last line every benchmark prints: its figures as one line of JSON, so runs can be compared."""
+    sys.stdout.flush()
+    print(json.dumps(figures, sort_keys=True), flush=True)
