@@ -37,25 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_args(module, prog: str, description: str, argv: list[str]) -> argparse.Namespace:
+    """Parse a command's arguments; if it takes `--config`, collect `--section.key=value` into `args.overrides`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    module.add_arguments(parser)
+    if not any(a.dest == "config" for a in parser._actions):
+        return parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    args.overrides = [u for u in unknown if u.startswith("--") and "." in u.split("=", 1)[0]]
+    stray = [u for u in unknown if u not in args.overrides]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         build_parser().parse_args(argv)  # prints help or the "invalid choice" error and exits
         return 2
-    name, rest = argv[0], argv[1:]
+    name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"sd3 {name}", description=COMMANDS[name][1])
-    module.add_arguments(parser)
-    accepts_overrides = any(a.dest == "config" for a in parser._actions)
-    if accepts_overrides:
-        args, unknown = parser.parse_known_args(rest)
-        overrides = [u for u in unknown if u.startswith("--") and "." in u.split("=", 1)[0]]
-        stray = [u for u in unknown if u not in overrides]
-        if stray:
-            parser.error(f"unrecognized arguments: {' '.join(stray)}")
-        args.overrides = overrides
-    else:
-        args = parser.parse_args(rest)
+    args = parse_command_args(module, f"sd3 {name}", COMMANDS[name][1], argv[1:])
     try:
         code = module.main(args)
     except ConfigError as e:

@@ -25,18 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int | None:
+    from sd3.cli import parse_command_args
+
     module = importlib.import_module(f"sd3.bench.{args.name}")
-    parser = argparse.ArgumentParser(prog=f"sd3 bench {args.name}", description=BENCHMARKS[args.name])
-    module.add_arguments(parser)
-    accepts_overrides = any(a.dest == "config" for a in parser._actions)
-    if accepts_overrides:
-        inner, unknown = parser.parse_known_args(args.rest)
-        inner.overrides = [u for u in unknown if u.startswith("--") and "." in u.split("=", 1)[0]]
-        stray = [u for u in unknown if u not in inner.overrides]
-        if stray:
-            parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    else:
-        inner = parser.parse_args(args.rest)
+    inner = parse_command_args(module, f"sd3 bench {args.name}", BENCHMARKS[args.name], args.rest)
     return module.main(inner)
 
 
