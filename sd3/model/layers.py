@@ -1,0 +1,117 @@
+"""The small building blocks of the MMDiT: conditioning embeddings, adaptive norms, MLPs.
+
+Shapes: B batch, N image tokens, L text tokens, D model width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal embedding of `t · s` then a linear layer, with a learnable time scale `s` (init 1000).
+
+    The source (003_5bc3fb5fdb7c8fe6.txt, Model Details 4) lets the model learn the range the timestep is spread over,
+    starting from the usual 0-1000 of DDPM-style models; t itself stays in [0, 1].
+    """
+
+    def __init__(self, dim: int, frequency_dim: int = 256, init_scale: float = 1000.0, max_period: float = 10000.0):
+        super().__init__()
+        half = frequency_dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)  # (F/2,)
+        self.time_scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.proj = nn.Linear(frequency_dim, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        # Kept in fp32 even under autocast: sin/cos of arguments up to ~1000 lose all precision in bf16.
+        angles = (t.float() * self.time_scale.float())[:, None] * self.freqs[None]  # (B, F/2)
+        return self.proj(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))  # (B, D)
+
+
+class TextPartEmbedding(nn.Module):
+    """One text encoder's tokens -> model width: RMSNorm, a learnable scalar (init 0.01), a linear projection.
+
+    Each encoder gets its own norm because their statistics differ, and the scalar because some encoders
+    (Gemma) emit very large activations (source, Model Details 3). Starting at 0.01 keeps the text's
+    initial influence small.
+    """
+
+    def __init__(self, in_dim: int, dim: int, init_scale: float = 0.01):
+        super().__init__()
+        self.norm = nn.RMSNorm(in_dim, eps=1e-6)
+        self.scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.proj = nn.Linear(in_dim, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(tokens) * self.scale)  # (B, T, d_i) -> (B, T, D)
+
+
+class PatchEmbedding(nn.Module):
+    """Patchify latents with a stride-p convolution, then a linear layer (ARCHITECTURE §2)."""
+
+    def __init__(self, in_channels: int, patch_size: int, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)  # (B, D, h/p, w/p)
+        return self.proj(x.flatten(2).transpose(1, 2))  # (B, N, D), row-major over the patch grid
+
+
+class Modulation(nn.Module):
+    """`chunks` vectors of width D (shift / scale / gate ...) from the block's conditioning y'."""
+
+    def __init__(self, dim: int, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+        self.linear = nn.Linear(dim, chunks * dim)
+
+    def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(cond).unsqueeze(1).chunk(self.chunks, dim=-1)  # each (B, 1, D)
+
+
+def adaptive_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without affine, then `·(1 + scale) + shift`: the conditioning sets the affine per sample."""
+    x = F.layer_norm(x, x.shape[-1:], eps=1e-6)  # (B, S, D)
+    return torch.addcmul(shift, x, 1 + scale)  # (B, S, D)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP: W2(SiLU(W1 x) · W3 x). Hidden width = D·hidden_scale (the source's convention: hidden_scale 4.0
+    with SwiGLU, three full-width matrices; not LLaMA's 2/3 shrink). The two input matrices are one fused linear."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden)
+        self.w2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, S, H) each
+        return self.w2(F.silu(gate) * up)  # (B, S, D)
+
+
+class GeluMLP(nn.Module):
+    """Linear, tanh-GELU, linear: the SD3 paper's MLP."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # (B, S, D)
+
+
+MLPS = {"swiglu": SwiGLU, "gelu": GeluMLP}
+
+
+def make_mlp(kind: str, dim: int, hidden_scale: float) -> nn.Module:
+    if kind not in MLPS:
+        raise ValueError(f"model.mlp_type '{kind}' is not one of {', '.join(MLPS)}")
+    return MLPS[kind](dim, int(dim * hidden_scale))
