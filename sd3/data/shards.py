@@ -1,0 +1,174 @@
+"""Parquet shards: their schema, atomic writing, and reading rows by global row id (ARCHITECTURE §4).
+
+A *shard folder* holds `*.parquet` files. Shards are ordered by file name and their rows numbered one after
+another, so a global row id is `offset of its shard + row within the shard`. The bucket index (index.py) stores
+these ids; the reader here turns them back into rows.
+
+Two schemas:
+- raw shards (`make-dataset`, `import-folder`, or any dataset with these columns): `image` (encoded bytes),
+  `recaption`, `recaption_short`, optionally `height` / `width`;
+- phase shards (`create-phase`): the raw columns plus `height`, `width`, `aspect_ratio` and `bucket_size`
+  (`"HxW"` in pixels, height first, both multiples of the patch size).
+
+Phase shards use small row groups so a random row costs one small read: a loader reads a few hundred rows
+scattered over every shard per step, and parquet can only read whole row groups.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+RAW_COLUMNS = ("image", "recaption", "recaption_short")
+PHASE_SCHEMA = pa.schema(
+    [
+        ("image", pa.binary()),
+        ("recaption", pa.string()),
+        ("recaption_short", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("aspect_ratio", pa.float32()),  # width / height of the stored image
+        ("bucket_size", pa.string()),  # "HxW", height first
+    ]
+)
+PHASE_ROW_GROUP_ROWS = 32  # a random read of one row decodes at most this many images' bytes
+MAX_OPEN_FILES = 64  # per reader; a folder can hold thousands of shards
+
+
+class ShardError(ValueError):
+    """A shard folder or file that cannot be used; the message names the file."""
+
+
+def list_shards(folder: str | Path) -> list[Path]:
+    """The shard files of a folder in row-id order. Hidden files (temporary outputs being written) are ignored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ShardError(f"shard folder {folder} does not exist")
+    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+
+
+def write_table(path: str | Path, table: pa.Table, row_group_rows: int = PHASE_ROW_GROUP_ROWS, metadata: dict | None = None) -> None:
+    """Write a shard atomically: to a hidden temporary name in the same folder, then rename.
+
+    A crash never leaves a half-written shard under its final name, so "the output exists" means "it is done"
+    (create-phase relies on this to resume). Image bytes are already compressed: they are stored without
+    dictionary encoding or parquet compression, which would only cost time.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update({k.encode(): str(v).encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(merged)
+    columns = table.column_names
+    compression = {c: ("none" if c == "image" else "zstd") for c in columns}
+    dictionary = [c for c in columns if c != "image"]
+    try:
+        pq.write_table(table, tmp, row_group_size=row_group_rows, compression=compression, use_dictionary=dictionary)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def shard_row_count(path: str | Path) -> int:
+    """Rows in a shard, from its footer only."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowInvalid) as e:
+        raise ShardError(f"{path}: not a readable parquet file ({e})") from None
+
+
+class ShardReader:
+    """Rows of a shard folder by global row id, reading only the row groups and columns asked for.
+
+    folder: the shard folder. row_counts: rows per shard in `list_shards` order when already known (the bucket
+    index manifest has them), which saves reading every footer. Files are memory-mapped and opened lazily, at
+    most MAX_OPEN_FILES at a time, so a reader is cheap to create in many processes; it holds no open file
+    when pickled.
+    """
+
+    def __init__(self, folder: str | Path, row_counts: Sequence[int] | None = None):
+        self.folder = Path(folder)
+        self.paths = list_shards(self.folder)
+        if row_counts is None:
+            row_counts = [shard_row_count(p) for p in self.paths]
+        if len(row_counts) != len(self.paths):
+            raise ShardError(f"{self.folder}: {len(self.paths)} shards but {len(row_counts)} row counts")
+        self.row_counts = np.asarray(row_counts, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.row_counts)])  # (S+1,)
+        self._files: OrderedDict[int, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_files"] = OrderedDict()
+        return state
+
+    def locate(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global row ids -> (shard number, row within the shard). Raises IndexError for ids out of range."""
+        row_ids = np.asarray(row_ids, dtype=np.int64)
+        if row_ids.size and (row_ids.min() < 0 or row_ids.max() >= self.num_rows):
+            bad = row_ids[(row_ids < 0) | (row_ids >= self.num_rows)][0]
+            raise IndexError(f"row id {bad} out of range: {self.folder} has {self.num_rows} rows")
+        shard = np.searchsorted(self.offsets, row_ids, side="right") - 1
+        return shard, row_ids - self.offsets[shard]
+
+    def _file(self, shard: int) -> tuple[pq.ParquetFile, np.ndarray]:
+        """The open file of a shard and the first row of each of its row groups (plus the total)."""
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        path = self.paths[shard]
+        try:
+            pf = pq.ParquetFile(path, memory_map=True)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise ShardError(f"{path}: not a readable parquet file ({e})") from None
+        meta = pf.metadata
+        if meta.num_rows != self.row_counts[shard]:
+            raise ShardError(f"{path}: has {meta.num_rows} rows, expected {self.row_counts[shard]}; the folder changed")
+        starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+        self._files[shard] = (pf, starts)
+        if len(self._files) > MAX_OPEN_FILES:
+            self._files.popitem(last=False)
+        return pf, starts
+
+    def read(self, row_ids: Sequence[int] | np.ndarray, columns: Sequence[str]) -> pa.Table:
+        """The rows `row_ids` (in that order, repeats allowed) with only `columns`.
+
+        Each needed row group is read once, however many of the asked rows it holds.
+        """
+        row_ids = np.asarray(row_ids, dtype=np.int64)
+        columns = list(columns)
+        shard, local = self.locate(row_ids)
+        pieces: list[pa.Table] = []
+        order: list[np.ndarray] = []  # positions in row_ids of each piece's rows
+        for s in np.unique(shard):
+            pf, starts = self._file(int(s))
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise ShardError(f"{self.paths[s]}: no column {missing[0]!r} (has {', '.join(pf.schema_arrow.names)})")
+            where = np.flatnonzero(shard == s)
+            group = np.searchsorted(starts, local[where], side="right") - 1
+            for g in np.unique(group):
+                in_group = where[group == g]
+                table = pf.read_row_group(int(g), columns=columns)
+                pieces.append(table.take(pa.array(local[in_group] - starts[g])))
+                order.append(in_group)
+        if not pieces:
+            return pa.table({c: pa.array([], type=pa.null()) for c in columns})
+        table = pa.concat_tables(pieces, promote_options="permissive")
+        back = np.empty(len(row_ids), dtype=np.int64)
+        back[np.concatenate(order)] = np.arange(len(row_ids))
+        return table.take(pa.array(back))
