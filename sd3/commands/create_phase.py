@@ -1,0 +1,36 @@
+"""`sd3 create-phase`: resize raw shards into bucketed phase shards (resumable, parallel over shards)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from sd3.data.buckets import BUCKET_MODES
+from sd3.data.phase import FORMATS, PhaseOptions, create_phase
+from sd3.data.shards import PHASE_ROW_GROUP_ROWS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-dir", required=True, help="folder of raw shards (image, recaption, recaption_short)")
+    parser.add_argument("--output-dir", required=True, help="folder for the phase shards (same file names)")
+    parser.add_argument("--max-res", type=int, default=256, help="longest side (exact) or sqrt of the bucket area (area)")
+    parser.add_argument("--patch-size", type=int, default=16, help="both sides become multiples of this")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes, one shard each")
+    parser.add_argument("--format", choices=FORMATS, default="png", help="png is lossless")
+    parser.add_argument("--quality", type=int, default=95, help="jpeg / webp quality")
+    parser.add_argument("--bucket-mode", choices=BUCKET_MODES, default="exact",
+                        help="exact: each side to the nearest multiple (source); area: fixed aspect buckets of ~max_res^2 px")
+    parser.add_argument("--row-group-rows", type=int, default=PHASE_ROW_GROUP_ROWS, help="rows per parquet row group")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        opt = PhaseOptions(args.max_res, args.patch_size, args.format, args.quality, args.bucket_mode, args.row_group_rows)
+        summary = create_phase(args.input_dir, args.output_dir, opt, workers=args.workers, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"sd3 create-phase: {e}") from None
+    print(summary.line())
+    return 0
