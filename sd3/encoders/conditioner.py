@@ -1,0 +1,64 @@
+"""Decoded images + captions -> the Batch a model rank consumes (run on a loader rank, or in-process when colocated)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from sd3.batch import Batch
+from sd3.config import Config
+from sd3.encoders.hub import EncoderLoadError, resolve_device, resolve_dtype
+from sd3.encoders.text import TextEncoders
+from sd3.encoders.timing import timed
+from sd3.encoders.vae import LatentVAE
+
+if TYPE_CHECKING:
+    from sd3.data.batches import RawBatch
+
+PARTS = ("gemma", "bert", "clip", "vae")  # keys of Conditioner.timings
+
+
+class Conditioner:
+    """Runs the frozen text encoders and the VAE encoder on `device` (a torch.device, or "auto"/"cpu"/"cuda").
+
+    Each encoder gets the whole batch at once (no per-sample loops). `timings` holds the cumulative seconds spent
+    per part (PARTS); image decoding is timed by the RowLoader. Output floats are in cfg.encoders.batch_dtype.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device | str = "auto") -> None:
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        enc = cfg.encoders
+        self.text = TextEncoders.load(enc, cfg.model.text_tokens, self.device)
+        self.vae = LatentVAE.load(enc.vae, enc.vae_subfolder, self.device, enc.vae_dtype, with_decoder=False)
+        self.batch_dtype = resolve_dtype(enc.batch_dtype)
+        self.timings: dict[str, float] = {part: 0.0 for part in PARTS}
+        check_dims(cfg, self.text, self.vae)
+
+    @torch.inference_mode()
+    def __call__(self, raw: "RawBatch", generator: torch.Generator | None = None) -> Batch:
+        """raw.images (B, 3, H, W) in [-1, 1], raw.captions (B,) -> Batch on this conditioner's device.
+
+        generator: draws the VAE posterior samples (pass the sampler's per-step generator for a replayable stream).
+        """
+        context, pooled = self.text.encode(list(raw.captions), self.timings)  # (B, 2T, D), (B, P)
+        with timed(self.timings, "vae", self.device):
+            latents = self.vae.encode(raw.images, generator)  # (B, C, H/8, W/8)
+        row_ids = torch.as_tensor(np.asarray(raw.row_ids, dtype=np.int64)).to(self.device)  # (B,)
+        dtype = self.batch_dtype
+        return Batch(latents.to(dtype), context.to(dtype), pooled.to(dtype), row_ids)
+
+
+def check_dims(cfg: Config, text: TextEncoders, vae: LatentVAE) -> None:
+    """The encoders must produce what cfg.model expects; say which key disagrees, before any batch is made."""
+    model = cfg.model
+    found = {
+        "model.text_dims": (text.text_dims, list(model.text_dims)),
+        "model.pooled_dim": (text.pooled_dim, model.pooled_dim),
+        "model.in_channels": (vae.latent_channels, model.in_channels),
+        "model.vae_downsample": (vae.downsample, model.vae_downsample),
+    }
+    for key, (actual, expected) in found.items():
+        if actual != expected:
+            raise EncoderLoadError(f"{key} is {expected} but the encoders in [encoders] give {actual}")

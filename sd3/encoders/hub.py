@@ -1,0 +1,104 @@
+"""Loading frozen models from a hub id or a local folder: the hub token, dtype/device names, one-line errors.
+
+The token is read from `.env` (python-dotenv, key HF_TOKEN) or the environment and handed to `from_pretrained`
+as `token=`; it is never printed, logged or stored. `trust_remote_code` is never passed: every model used here
+is a class that ships with transformers / diffusers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from dotenv import dotenv_values, find_dotenv
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+from transformers.utils import logging as hf_logging
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+class EncoderLoadError(RuntimeError):
+    """A frozen model that cannot be loaded. The message is one line naming the config key and the path or hub id."""
+
+
+def hub_token() -> str | None:
+    """HF_TOKEN from the `.env` found from the working directory upwards, else from the environment, else None."""
+    env_file = find_dotenv(usecwd=True)
+    token = dotenv_values(env_file).get("HF_TOKEN") if env_file else None
+    return token or os.environ.get("HF_TOKEN") or None
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise EncoderLoadError(f"unknown dtype '{name}' (expected fp32, bf16 or fp16)")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` = this process's GPU (LOCAL_RANK under torchrun, else the current CUDA device) when there is one, else cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())) % torch.cuda.device_count()
+    return torch.device("cuda", index)
+
+
+def _is_gated(error: BaseException) -> bool:
+    """Walk the exception chain: transformers wraps hub errors in OSError."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, GatedRepoError):
+            return True
+        if isinstance(seen, HfHubHTTPError) and seen.response is not None and seen.response.status_code in (401, 403):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "gated repo" in str(error)
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Loading a text tower out of a full checkpoint (CLIPModel, *ForCausalLM) lists every unused weight; that report
+    and the per-file progress bars would bury the loader's own log lines, so they are silenced while loading."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(load: Callable[..., Any], key: str, path: str, **kwargs: Any) -> Any:
+    """`load(path, token=..., **kwargs)` (a `from_pretrained`), turning failures into one-line EncoderLoadErrors.
+
+    `key` is the config key the path came from (e.g. "encoders.gemma"), so the message says what to fix.
+    """
+    token = hub_token()
+    if token is not None:
+        kwargs["token"] = token
+    try:
+        with quiet_loading():
+            return load(path, **kwargs)
+    except (OSError, ValueError, HfHubHTTPError) as e:
+        if _is_gated(e):
+            raise EncoderLoadError(
+                f"{key}: '{path}' is a gated model this account may not read: accept its licence on the Hugging Face hub "
+                "and put HF_TOKEN=<a read token> in .env"
+            ) from None
+        if not Path(path).exists():
+            raise EncoderLoadError(
+                f"{key}: '{path}' is neither a local folder nor a hub model that can be fetched "
+                "(offline, or no such repo); set --" + key + "=PATH or run `sd3 make-tiny` for the tiny models"
+            ) from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EncoderLoadError(f"{key}: cannot load '{path}': {first_line}") from None

@@ -1,0 +1,183 @@
+"""Tiny random-initialised encoders and VAE of the real classes, for tests and the quick start (no network).
+
+`make_tiny(out_dir)` writes the hub layouts the normal loading code expects:
+
+    out_dir/metaclip/        CLIPModel (text projection 32) + tokenizer      like facebook/metaclip-l14-400m
+    out_dir/gemma/           Gemma2ForCausalLM (hidden 64) + tokenizer       like google/gemma-2-2b
+    out_dir/modernbert/      ModernBertForMaskedLM (hidden 32) + tokenizer   like answerdotai/ModernBERT-large
+    out_dir/flux/vae/        AutoencoderKL, 16 latent channels, /8           like black-forest-labs/FLUX.1-schnell
+
+The loaders take `CLIPTextModelWithProjection`, `Gemma2Model` and `ModernBertModel` out of these checkpoints exactly
+as they do from the hub repos. Tokenizers are WordPiece models built offline with the `tokenizers` library over a
+fixed vocabulary (the words of the synthetic shapes captions, plus single characters so any word still tokenizes).
+The VAE gets the weights shipped in sd3/assets/ (trained on shapes by `sd3 make-tiny --train-vae-steps`), so it
+really reconstructs the shapes images; without them it is random.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    PreTrainedTokenizerFast,
+)
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
+TINY_VAE_WEIGHTS = ASSET_DIR / "tiny_vae.safetensors"  # written by `sd3 make-tiny --train-vae-steps N --save-asset`
+
+# Words of the shapes captions (colours, shapes, positions, sizes) and of ordinary prompts; anything else falls back
+# to single characters.
+WORDS = """
+a an the of in on at to and with is are it its this that there one two three some near next by from into over under
+image picture photo drawing illustration render shows showing shown depicts depicting features containing contains
+see can we here simple plain flat solid filled outlined coloured colored colour color background foreground shape
+shapes object objects figure sits placed located positioned centered centred
+red green blue yellow orange purple violet pink brown black white gray grey cyan magenta teal navy maroon olive lime
+gold silver beige turquoise indigo light dark bright pale
+circle circles square squares triangle triangles rectangle rectangles star stars ellipse oval diamond hexagon
+pentagon cross ring heart disc disk dot box
+top bottom left right center centre middle upper lower corner side edge half quarter above below
+small large big tiny medium huge little
+""".split()
+CHARACTERS = list(string.ascii_lowercase + string.digits + string.punctuation)
+SMALL_VOCAB = list(dict.fromkeys(sorted(WORDS) + CHARACTERS + [f"##{c}" for c in string.ascii_lowercase + string.digits]))
+
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[8, 16, 32, 32],  # 4 blocks, 3 downsamplings -> /8 like FLUX; narrow at full resolution for CPU speed
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=64,
+    use_quant_conv=False,  # as FLUX.1's VAE
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
+    scaling_factor=1.0,  # replaced by the shipped/trained statistics (1/std and mean of the latents)
+    shift_factor=0.0,
+)
+
+
+def build_tokenizer(specials_first: list[str], specials_last: list[str], template: str, pair: str,
+                    special_tokens: dict[str, str], max_length: int) -> PreTrainedTokenizerFast:
+    """A lower-casing WordPiece tokenizer over SMALL_VOCAB; `template` adds the model's special tokens."""
+    vocab = {tok: i for i, tok in enumerate(specials_first + SMALL_VOCAB + specials_last)}
+    tok = Tokenizer(WordPiece(vocab, unk_token=special_tokens["unk_token"], max_input_chars_per_word=50))
+    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    used = sorted({w for w in (template + " " + pair).split() if w in vocab})
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, pair=pair, special_tokens=[(w, vocab[w]) for w in used]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=max_length, padding_side="right", **special_tokens
+    )
+
+
+def clip_tokenizer() -> PreTrainedTokenizerFast:
+    # Real CLIP keeps <|startoftext|>/<|endoftext|> at the end of the vocabulary and pads with <|endoftext|>; the
+    # pooled output is read at the first <|endoftext|>. A separate <unk> keeps unknown text from looking like the end.
+    return build_tokenizer(
+        ["<unk>"], ["<|startoftext|>", "<|endoftext|>"],
+        "<|startoftext|> $A <|endoftext|>", "<|startoftext|> $A <|endoftext|> $B <|endoftext|>",
+        dict(unk_token="<unk>", bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"),
+        max_length=77,
+    )
+
+
+def gemma_tokenizer() -> PreTrainedTokenizerFast:
+    # Gemma's ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3; it prepends <bos> and adds no <eos>.
+    return build_tokenizer(
+        ["<pad>", "<eos>", "<bos>", "<unk>"], [], "<bos> $A", "<bos> $A $B",
+        dict(unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"),
+        max_length=8192,
+    )
+
+
+def bert_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer(
+        ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"], [], "[CLS] $A [SEP]", "[CLS] $A [SEP] $B [SEP]",
+        dict(unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]"),
+        max_length=8192,
+    )
+
+
+def write_clip(out: Path) -> None:
+    tok = clip_tokenizer()
+    text = dict(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=32, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        # Not 2: transformers' CLIPTextTransformer then pools at the first eos_token_id (else at argmax of the ids).
+        eos_token_id=tok.eos_token_id,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def write_gemma(out: Path) -> None:
+    tok = gemma_tokenizer()
+    config = Gemma2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=512, sliding_window=64,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+    )
+    Gemma2ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def write_modernbert(out: Path) -> None:
+    tok = bert_tokenizer()
+    config = ModernBertConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=512, local_attention=64, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id, cls_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+        sep_token_id=tok.sep_token_id,
+    )
+    ModernBertForMaskedLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def tiny_vae(weights: Path | None = TINY_VAE_WEIGHTS) -> AutoencoderKL:
+    """The tiny VAE; with `weights` (a safetensors file with the state dict and the latent statistics) when it exists."""
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    if weights is not None and Path(weights).is_file():
+        from sd3.encoders.tiny_vae import load_vae_weights
+
+        load_vae_weights(vae, Path(weights))
+    return vae
+
+
+def make_tiny(out_dir: str | Path, seed: int = 0, vae_weights: Path | None = TINY_VAE_WEIGHTS) -> Path:
+    """Write the four tiny models under `out_dir` (see the module docstring); deterministic for a given seed."""
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    write_clip(out / "metaclip")
+    torch.manual_seed(seed + 1)
+    write_gemma(out / "gemma")
+    torch.manual_seed(seed + 2)
+    write_modernbert(out / "modernbert")
+    torch.manual_seed(seed + 3)
+    tiny_vae(vae_weights).save_pretrained(out / "flux" / "vae")
+    (out / "make_tiny.json").write_text(json.dumps({
+        "written_by": "sd3 make-tiny", "seed": seed,
+        "vae_weights": str(vae_weights) if vae_weights is not None and Path(vae_weights).is_file() else "random",
+    }, indent=2))
+    return out
