@@ -89,6 +89,7 @@ class EncodersConfig:
     text_dtype: str = "bf16"  # fp32 | bf16 | fp16
     vae_dtype: str = "bf16"
     device: str = "auto"  # auto | cpu | cuda; auto = this rank's GPU when there is one
+    batch_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the Batch floats a loader sends (latents, context, pooled)
 
 
 @dataclass
