@@ -1,0 +1,60 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sd3.cli import main
+from sd3.config import load_config
+from sd3.model import build_model
+from sd3.model.flops import count_parameters, matmul_weights, train_flops_per_image
+
+from model.tiny import tiny_config
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_flops_weight_count_matches_the_built_model(mlp):
+    """The FLOPs estimate counts every matmul weight of the real network, no more, no less."""
+    cfg = tiny_config(mlp_type=mlp)
+    model = build_model(cfg)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    assert matmul_weights(cfg).total == weights
+
+
+def test_flops_grow_with_resolution():
+    cfg = tiny_config()
+    small, large = train_flops_per_image(cfg, 64, 64), train_flops_per_image(cfg, 128, 128)
+    assert 3 * small < large  # 4x the image tokens, attention grows faster, text stays
+    with pytest.raises(ValueError, match="width 72 px"):
+        train_flops_per_image(cfg, 64, 72)
+
+
+def test_reference_size_is_about_1_2_billion():
+    with torch.device("meta"):
+        model = build_model(load_config("sd3-1b-256").model)
+    assert 1.1e9 <= count_parameters(model) <= 1.3e9
+
+
+def test_info_json_on_tiny_cpu(capsys):
+    assert main(["info", "--config", "tiny-cpu", "--height", "64", "--width", "96", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    cfg = load_config("tiny-cpu")
+    assert info["parameters"] == count_parameters(build_model(cfg.model))
+    assert info["image_tokens"] == 4 * 6 and info["text_tokens"] == 2 * cfg.model.text_tokens
+    assert info["train_flops_per_image"] == train_flops_per_image(cfg.model, 64, 96)
+    assert info["attention_backend"] == "sdpa"
+    assert info["resolved_config"]["model"]["dim"] == cfg.model.dim
+
+
+def test_info_text_applies_overrides(capsys):
+    assert main(["info", "--config", "tiny-cpu", "--model.num_blocks=2"]) == 0
+    out = capsys.readouterr().out
+    count = count_parameters(build_model(load_config("tiny-cpu", ["--model.num_blocks=2"]).model))
+    assert f"parameters        {count:,}" in out
+    assert '"num_blocks": 2' in out
+
+
+def test_info_bad_resolution_is_one_line(capsys):
+    assert main(["info", "--config", "tiny-cpu", "--height", "70"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == ["sd3 info: error: height 70 px is not a multiple of 16 px"]

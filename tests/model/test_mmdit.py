@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from sd3.model import build_model
+from sd3.model.flops import count_parameters
+
+from model.tiny import make_inputs, tiny_config
+
+
+def perturb_zero_init(model) -> None:
+    """Give the zero-initialised modulation and output layers small random values, so a test sees a model whose
+    blocks actually contribute (a fresh model is the identity plus a zero head by design)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("h, w", [(8, 8), (4, 12), (10, 6)], ids=["square", "wide", "tall"])
+def test_output_shape_for_aspect_ratios(h, w):
+    cfg = tiny_config()
+    model = build_model(cfg)
+    perturb_zero_init(model)
+    x, t, context, pooled = make_inputs(cfg, 2, h, w)
+    out = model(x, t, context, pooled)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+
+
+@pytest.mark.parametrize("pos, mlp", [("absolute", "gelu"), ("NoPE", "swiglu"), ("RoPE2d", "gelu")])
+def test_options_run(pos, mlp):
+    cfg = tiny_config(positional_encoding=pos, mlp_type=mlp)
+    model = build_model(cfg)
+    x, t, context, pooled = make_inputs(cfg, 1, 6, 4)
+    assert model(x, t, context, pooled).shape == x.shape
+
+
+def test_fresh_model_outputs_zero():
+    """adaLN-Zero: the head and every gate start at zero, so the first prediction is exactly 0."""
+    cfg = tiny_config()
+    model = build_model(cfg)
+    x, t, context, pooled = make_inputs(cfg, 2, 4, 4)
+    assert torch.equal(model(x, t, context, pooled), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("h, w, dim", [(5, 8, "height"), (8, 7, "width"), (3, 3, "height")])
+def test_bad_sizes_name_the_dimension(h, w, dim):
+    cfg = tiny_config()
+    model = build_model(cfg)
+    x, t, context, pooled = make_inputs(cfg, 1, h, w)
+    with pytest.raises(ValueError, match=f"^{dim} {h * 8 if dim == 'height' else w * 8} px"):
+        model(x, t, context, pooled)
+
+
+def test_every_parameter_gets_a_gradient():
+    """A fresh model is zero-initialised on purpose (adaLN-Zero), so gradients open up layer by layer: the first
+    backward reaches only the head, the second the modulations, the third the image path, and the text stream's
+    outputs only once its gates have moved. So take three real AdamW steps on a real loss, then check the fourth
+    backward reaches every trainable parameter — the time scale and both text scalars included."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, t, context, pooled = make_inputs(cfg, 2, 4, 6)
+    target = torch.randn_like(x)
+    for step in range(4):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x, t, context, pooled), target).backward()
+        if step == 0:
+            assert model.head.weight.grad.abs().sum() > 0
+            assert model.blocks[0].qkv_x.weight.grad is None or not model.blocks[0].qkv_x.weight.grad.any()
+        if step < 3:
+            opt.step()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert missing == []
+    for name in ("time_embed.time_scale", "text_embed.0.scale", "text_embed.1.scale"):
+        assert dict(model.named_parameters())[name].grad.abs() > 0
+
+
+def test_initial_scalars():
+    cfg = tiny_config()
+    model = build_model(cfg)
+    assert model.time_embed.time_scale.item() == 1000.0
+    assert [part.scale.item() for part in model.text_embed] == pytest.approx([0.01, 0.01])
+
+
+def test_last_block_has_no_text_output_path():
+    cfg = tiny_config()
+    model = build_model(cfg)
+    last, first = model.blocks[-1], model.blocks[0]
+    assert last.out_c is None and last.mlp_c is None and last.q_norm_c is None
+    assert last.qkv_c.out_features == 2 * cfg.dim and first.qkv_c.out_features == 3 * cfg.dim
+    assert count_parameters(last) < count_parameters(first)
+
+
+def test_bert_padding_columns_are_ignored():
+    """The ModernBERT part is narrower than the context; its padding columns are sliced off, not projected."""
+    cfg = tiny_config()
+    model = build_model(cfg)
+    perturb_zero_init(model)
+    x, t, context, pooled = make_inputs(cfg, 2, 4, 4)
+    noisy = context.clone()
+    noisy[:, cfg.text_tokens :, cfg.text_dims[1] :] = 5.0
+    torch.testing.assert_close(model(x, t, context, pooled), model(x, t, noisy, pooled))
+    changed = context.clone()
+    changed[:, cfg.text_tokens :, 0] += 1.0
+    assert not torch.allclose(model(x, t, context, pooled), model(x, t, changed, pooled))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    plain = build_model(tiny_config())
+    perturb_zero_init(plain)
+    ckpt = build_model(tiny_config(checkpoint_attn=True, checkpoint_mlp=True))
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, context, pooled = make_inputs(plain.cfg, 2, 4, 4)
+    for model in (plain, ckpt):
+        model(x, t, context, pooled).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_bad_context_shape_is_named():
+    cfg = tiny_config()
+    model = build_model(cfg)
+    x, t, context, pooled = make_inputs(cfg, 1, 4, 4)
+    with pytest.raises(ValueError, match="context must be"):
+        model(x, t, context[:, :-1], pooled)

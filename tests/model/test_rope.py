@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from sd3.model import build_model
+from sd3.model import mmdit
+from sd3.model.rope import Rope2d
+
+from model.tiny import make_inputs, tiny_config
+
+
+def captured_qk(model, inputs, monkeypatch):
+    """The q and k every block hands to the attention kernel: [(q, k), ...] in (B, S, H, Dh)."""
+    seen = []
+    original = mmdit.attention
+
+    def spy(q, k, v, backend="auto"):
+        seen.append((q.detach().clone(), k.detach().clone()))
+        return original(q, k, v, backend)
+
+    monkeypatch.setattr(mmdit, "attention", spy)
+    model(*inputs)
+    monkeypatch.setattr(mmdit, "attention", original)
+    return seen
+
+
+def test_rope_touches_image_qk_only(monkeypatch):
+    """Same weights with and without RoPE: the first block's text queries and keys are identical, image ones are not."""
+    torch.manual_seed(0)
+    with_rope = build_model(tiny_config(positional_encoding="RoPE2d"))
+    without = build_model(tiny_config(positional_encoding="NoPE"))
+    without.load_state_dict(with_rope.state_dict())
+    inputs = make_inputs(with_rope.cfg, 2, 6, 4)
+    n = 3 * 2  # image tokens of a 6x4 latent with patch 2
+    (q_r, k_r), (q_n, k_n) = captured_qk(with_rope, inputs, monkeypatch)[0], captured_qk(without, inputs, monkeypatch)[0]
+    assert torch.equal(q_r[:, n:], q_n[:, n:]) and torch.equal(k_r[:, n:], k_n[:, n:])
+    # Token 0 sits at row 0, column 0: rotation by angle 0 leaves it alone; every other image token moves.
+    assert torch.allclose(q_r[:, 0], q_n[:, 0]) and torch.allclose(k_r[:, 0], k_n[:, 0])
+    for i in range(1, n):
+        assert not torch.allclose(q_r[:, i], q_n[:, i]) and not torch.allclose(k_r[:, i], k_n[:, i])
+
+
+@pytest.mark.parametrize("position_scale", [1.0, 4.0])
+def test_logits_depend_only_on_relative_position(position_scale):
+    """q at (r1, c1) and k at (r2, c2) give the same logit as at (r1+a, c1+b) and (r2+a, c2+b)."""
+    h, w, head_dim = 9, 11, 16
+    rope = Rope2d(head_dim, position_scale)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, head_dim, generator=g, dtype=torch.float64)
+
+    def logit(pos_q, pos_k):
+        grid = torch.zeros(2, h * w, 1, head_dim, dtype=torch.float64)  # (2, N, 1, Dh): q in batch 0, k in batch 1
+        grid[0, pos_q[0] * w + pos_q[1], 0] = q
+        grid[1, pos_k[0] * w + pos_k[1], 0] = k
+        rotated = rope(grid, h, w)
+        return (rotated[0, pos_q[0] * w + pos_q[1], 0] @ rotated[1, pos_k[0] * w + pos_k[1], 0]).item()
+
+    base = logit((1, 2), (3, 1))
+    for a, b in [(2, 3), (5, 0), (0, 7), (4, 5)]:
+        assert logit((1 + a, 2 + b), (3 + a, 1 + b)) == pytest.approx(base, abs=1e-5)  # tables are fp32
+    assert logit((1, 2), (3, 2)) != pytest.approx(base, abs=1e-3)  # a different offset does change it
+
+
+def test_rope_rotates_rows_in_first_half_and_columns_in_second():
+    head_dim = 8
+    rope = Rope2d(head_dim, 1.0)
+    x = torch.ones(1, 2 * 2, 1, head_dim)
+    out = rope(x, 2, 2)[0, :, 0]  # (N, Dh), tokens (0,0) (0,1) (1,0) (1,1)
+    torch.testing.assert_close(out[1, : head_dim // 2], x[0, 1, 0, : head_dim // 2])  # column move: row half untouched
+    assert not torch.allclose(out[1, head_dim // 2 :], x[0, 1, 0, head_dim // 2 :])
+    torch.testing.assert_close(out[2, head_dim // 2 :], x[0, 2, 0, head_dim // 2 :])  # row move: column half untouched
+    assert not torch.allclose(out[2, : head_dim // 2], x[0, 2, 0, : head_dim // 2])
+
+
+def test_positions_are_divided_by_max_res_over_max_res_orig():
+    """At max_res 512 from 256, patch (2, 4) gets the angles patch (1, 2) had at 256."""
+    fine, base = Rope2d(16, 512 / 256), Rope2d(16, 1.0)
+    cos_fine, sin_fine = fine.tables(8, 8, torch.float32)
+    cos_base, sin_base = base.tables(8, 8, torch.float32)
+    torch.testing.assert_close(cos_fine[2 * 8 + 4], cos_base[1 * 8 + 2])
+    torch.testing.assert_close(sin_fine[2 * 8 + 4], sin_base[1 * 8 + 2])
