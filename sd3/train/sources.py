@@ -1,0 +1,205 @@
+"""Where a model rank's micro-batches come from. Three sources, one interface, the same Trainer:
+
+- RemoteSource (topology.mode=loader): a dedicated loader rank encodes and sends (sd3/dist BatchReceiver).
+- ColocatedSource (mode=colocated): RowLoader + Conditioner run in this process, one step ahead in a thread.
+- CachedSource (mode=cached): batches read back from the cache `sd3 cache` wrote (sd3/data/cached.py).
+
+Every source walks the same BucketBatchSampler stream: micro-batch k of this rank is sampler step k of its
+loader (`loader_index` of `num_loaders`), so checkpoints store one number per loader and a resumed run
+continues the same stream. ColocatedSource seeds the Conditioner's generator with the sampler's
+seed_for_step, as the loader ranks do, so all three modes see the same VAE sample for the same step.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from sd3.batch import Batch
+from sd3.config import Config
+
+
+@dataclass
+class SourceStats:
+    """What a source reports with each batch. `timings` and `skipped` are cumulative since the source started."""
+
+    step: int  # sampler step of this batch
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per part of producing batches
+    skipped: dict[str, int] = field(default_factory=dict)  # rows dropped, per reason
+    stop_requested: bool = False  # the producer was asked to stop (a signal on a loader rank)
+
+
+class BatchSource(Protocol):
+    num_loaders: int
+
+    def next(self) -> tuple[Batch, SourceStats]:
+        """The next micro-batch of this rank (blocking)."""
+
+    def stop(self, step: int) -> None:
+        """Training consumed sampler steps < step and is done; release the producer."""
+
+    def fail(self, message: str) -> None:
+        """This model rank is failing; tell the producer (best effort, never blocks)."""
+
+
+def empty_batch(cfg: Config, height: int, width: int) -> Batch:
+    """A batch of 0 rows with the shapes of a (height, width) bucket: every row of the step was bad."""
+    m = cfg.model
+    h, w = height // m.vae_downsample, width // m.vae_downsample
+    return Batch(
+        torch.zeros(0, m.in_channels, h, w),  # (0, C, h, w)
+        torch.zeros(0, 2 * m.text_tokens, m.context_dim),  # (0, 2T, D)
+        torch.zeros(0, m.pooled_dim),  # (0, P)
+        torch.zeros(0, dtype=torch.int64),  # (0,)
+    )
+
+
+def build_sampler(cfg: Config, loader_index: int, num_loaders: int, global_batch: int):
+    """The bucket sampler of one loader over cfg.data's shards (checks the index still matches the folder)."""
+    from sd3.data.index import BucketIndex
+    from sd3.data.sampler import BucketBatchSampler
+
+    index = BucketIndex.load(cfg.data.bucket_indices_path, cfg.data.parquet_folder)
+    sampler = BucketBatchSampler(
+        index, global_batch, cfg.data.seed, loader_index, num_loaders, cfg.data.min_bucket_size
+    )
+    return index, sampler
+
+
+class Encoder:
+    """RowLoader + Conditioner: a sampler step -> the Batch a model rank trains on. Shared by colocated and cache."""
+
+    def __init__(self, cfg: Config, loader_index: int, num_loaders: int, device: torch.device):
+        from sd3.data.batches import RowLoader
+        from sd3.encoders.conditioner import Conditioner
+
+        self.cfg = cfg
+        self.index, self.sampler = build_sampler(cfg, loader_index, num_loaders, cfg.data.batch_size)
+        self.rows = RowLoader(cfg.data.parquet_folder, cfg.data, row_counts=self.index.manifest["rows"])
+        self.conditioner = Conditioner(cfg, device)
+        self.decode_s = 0.0
+
+    def encode(self, step: int) -> Batch:
+        planned = self.sampler.batch(step)
+        start = time.perf_counter()
+        raw = self.rows.load(planned)
+        self.decode_s += time.perf_counter() - start
+        if len(raw) == 0:
+            return empty_batch(self.cfg, planned.height, planned.width)
+        # The sampler's per-step seed drives the VAE posterior sample, exactly as on a loader rank.
+        gen = torch.Generator(device=self.conditioner.device).manual_seed(planned.seed_for_step)
+        return self.conditioner(raw, gen).to("cpu")
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return {"decode": self.decode_s, **self.conditioner.timings}
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(self.rows.counters)
+
+    def close(self) -> None:
+        self.rows.close()
+
+
+class ColocatedSource:
+    """Encoders in the model's process. Step k+1 is encoded in a worker thread while the model trains on step k
+    (torch releases the GIL in its kernels), the in-process analogue of the loader ranks' prefetch."""
+
+    def __init__(self, cfg: Config, loader_index: int, num_loaders: int, device: torch.device, start_step: int):
+        self.encoder = Encoder(cfg, loader_index, num_loaders, device)
+        self.num_loaders = num_loaders
+        self.step = start_step
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="colocated-encoder")
+        self.pending: Future[Batch] = self.pool.submit(self.encoder.encode, self.step)
+
+    def next(self) -> tuple[Batch, SourceStats]:
+        batch = self.pending.result()
+        step = self.step
+        self.step += 1
+        self.pending = self.pool.submit(self.encoder.encode, self.step)
+        return batch, SourceStats(step, self.encoder.timings, self.encoder.skipped)
+
+    def stop(self, step: int) -> None:
+        self.pending.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.encoder.close()
+
+    def fail(self, message: str) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class CachedSource:
+    """Batches read from a cache folder: the sampler picks the rows, the cache supplies their encodings."""
+
+    def __init__(self, cfg: Config, loader_index: int, num_loaders: int, start_step: int):
+        from sd3.data.cached import CacheReader
+
+        self.cfg = cfg
+        self.index, self.sampler = build_sampler(cfg, loader_index, num_loaders, cfg.data.batch_size)
+        self.reader = CacheReader(cfg.topology.cache_folder)
+        self.reader.check_compatible(cfg, self.index)
+        self.num_loaders = num_loaders
+        self.step = start_step
+        self.read_s = 0.0
+
+    def next(self) -> tuple[Batch, SourceStats]:
+        planned = self.sampler.batch(self.step)
+        start = time.perf_counter()
+        batch = self.reader.read(planned.row_ids)
+        if batch is None:
+            batch = empty_batch(self.cfg, planned.height, planned.width)
+        self.read_s += time.perf_counter() - start
+        stats = SourceStats(self.step, {"read": self.read_s}, dict(self.reader.skipped))
+        self.step += 1
+        return batch, stats
+
+    def stop(self, step: int) -> None:
+        self.reader.close()
+
+    def fail(self, message: str) -> None:
+        self.reader.close()
+
+
+class RemoteSource:
+    """Batches from this rank's loader over torch.distributed (sd3/dist). Raises LoaderFailed when it dies."""
+
+    def __init__(self, topology, start_step: int):
+        from sd3.dist import BatchReceiver
+
+        self.receiver = BatchReceiver(topology, start_step)
+        self.num_loaders = topology.num_loaders
+        # Every consumer of a loader sees that loader's skip counts; only the first one adds them to the totals.
+        self.counts_rows = topology.consumer_index == 0
+
+    def next(self) -> tuple[Batch, SourceStats]:
+        batch, stats = self.receiver.next()
+        return batch, SourceStats(
+            step=stats.step,
+            timings=dict(stats.timings),
+            skipped=dict(stats.skipped),
+            stop_requested=bool(getattr(stats, "stop_requested", False)),
+        )
+
+    def stop(self, step: int) -> None:
+        self.receiver.stop(step)
+        self.receiver.close()
+
+    def fail(self, message: str) -> None:
+        self.receiver.fail(message)
+
+
+def build_source(cfg: Config, topology, device: torch.device, start_step: int) -> BatchSource:
+    """The source for cfg.topology.mode on a model rank."""
+    mode = cfg.topology.mode
+    if mode == "loader":
+        return RemoteSource(topology, start_step)
+    if mode == "colocated":
+        return ColocatedSource(cfg, topology.loader_index, topology.num_loaders, device, start_step)
+    if mode == "cached":
+        return CachedSource(cfg, topology.loader_index, topology.num_loaders, start_step)
+    raise ValueError(f"topology.mode '{mode}' is not one of loader, colocated, cached")
