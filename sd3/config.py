@@ -141,6 +141,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     compile: bool = False
+    num_threads: int = 0  # CPU threads of a model rank (torch.set_num_threads); 0 = torch's default
+    record_rows: bool = False  # each model rank appends the row ids it trains on to <save_dir>/rows/rank<R>.txt (audit)
 
 
 @dataclass
