@@ -1,0 +1,112 @@
+"""RowLoader: bad rows are removed and counted by reason, never raised; good rows become [-1, 1] tensors."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from sd3.config import DataConfig
+from sd3.data.batches import SKIP_REASONS, RowLoader, skip_dict, skip_vector
+from sd3.data.index import BucketIndex
+from sd3.data.sampler import BucketBatchSampler, SamplerBatch
+from sd3.data.synthetic import COLOURS, SHAPES
+
+from . import helpers
+
+BINARY_CAPTIONS = pa.schema(
+    [f if f.name not in ("recaption", "recaption_short") else pa.field(f.name, pa.binary()) for f in helpers.PHASE_SCHEMA]
+)
+# (image bytes, caption) -> expected reason (None = kept)
+CASES = {
+    "good": (helpers.solid_png(), b"A red square.", None),
+    "truncated": (helpers.truncated_png(), b"x", "truncated"),
+    "random": (helpers.random_bytes(), b"x", "decode_error"),
+    "zero": (b"", b"x", "empty_image"),
+    "none_image": (None, b"x", "empty_image"),
+    "cmyk": (helpers.cmyk_jpeg(), b"cmyk", None),
+    "palette_transparency": (helpers.palette_transparent_png(), b"palette", None),
+    "16bit": (helpers.sixteen_bit_png(), b"grey", None),
+    "la": (helpers.la_png(), b"la", None),
+    "1x1": (helpers.solid_png(1, 1), b"x", "too_small"),
+    "bomb": (helpers.bomb_png(20_000, 20_000), b"x", "too_large"),
+    "wrong_size": (helpers.solid_png(48, 48), b"x", "size_mismatch"),
+    "none_caption": (helpers.solid_png(), None, "bad_caption"),
+    "empty_caption": (helpers.solid_png(), b"  ", "bad_caption"),
+    "non_utf8_caption": (helpers.solid_png(), b"\xff\xfe caption", "bad_caption"),
+}
+
+
+def _batch(row_ids, height=64, width=64, seed=123, step=0):
+    return SamplerBatch(step, f"{height}x{width}", height, width, np.asarray(row_ids, dtype=np.int64), seed)
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    rows = [helpers.phase_row(img, caption=cap, short=cap) for img, cap, _ in CASES.values()]
+    helpers.write_phase_shard(folder / "a.parquet", rows, schema=BINARY_CAPTIONS)
+    # orientation 6: stored 32 wide x 64 tall, upright 64 wide x 32 tall -> bucket 32x64
+    helpers.write_phase_shard(folder / "b.parquet", [helpers.phase_row(helpers.exif_rotated_jpeg(), b"rotated", b"rotated", 32, 64)], schema=BINARY_CAPTIONS)
+    return folder
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_each_bad_kind_is_skipped_and_counted(bad_folder, threads):
+    loader = RowLoader(bad_folder, DataConfig(decode_threads=threads))
+    raw = loader.load(_batch(range(len(CASES))))
+    expected = {r: 0 for r in SKIP_REASONS}
+    for _, _, reason in CASES.values():
+        if reason:
+            expected[reason] += 1
+    assert raw.skipped == expected
+    kept = [name for name, (_, _, reason) in CASES.items() if reason is None]
+    assert raw.row_ids.tolist() == [list(CASES).index(n) for n in kept]
+    assert raw.images.shape == (len(kept), 3, 64, 64) and raw.images.dtype == torch.float32
+    assert raw.images.min() >= -1 and raw.images.max() <= 1
+    assert len(raw.captions) == len(kept)
+    white = raw.images[kept.index("palette_transparency"), :, :, 40]  # the transparent half
+    assert torch.allclose(white, torch.ones_like(white))
+    loader.load(_batch([1, 2]))
+    assert loader.counters["truncated"] == 2 and loader.counters["decode_error"] == 2
+    loader.close()
+
+
+def test_exif_rotated_row_is_loaded_upright(bad_folder):
+    raw = RowLoader(bad_folder, DataConfig(decode_threads=1)).load(_batch([len(CASES)], height=32, width=64))
+    assert raw.images.shape == (1, 3, 32, 64) and sum(raw.skipped.values()) == 0
+    assert raw.images[0, 0, :4, -4:].mean() > 0.8 and raw.images[0, 1, :4, -4:].mean() < -0.4  # red top right
+
+
+def test_all_rows_bad_gives_an_empty_batch(bad_folder):
+    raw = RowLoader(bad_folder, DataConfig(decode_threads=1)).load(_batch([1, 2, 3]))
+    assert raw.images.shape == (0, 3, 64, 64) and raw.captions == [] and raw.row_ids.shape == (0,)
+
+
+def test_caption_column_that_is_not_text(tmp_path):
+    schema = pa.schema([f if f.name != "recaption" else pa.field("recaption", pa.int64()) for f in helpers.PHASE_SCHEMA])
+    helpers.write_phase_shard(tmp_path / "a.parquet", [helpers.phase_row(helpers.solid_png(), caption=7)], schema=schema)
+    raw = RowLoader(tmp_path, DataConfig(decode_threads=1, long_caption_prob=1.0)).load(_batch([0]))
+    assert raw.skipped["bad_caption"] == 1 and len(raw) == 0
+
+
+def test_skip_vector_round_trip():
+    counts = {r: i for i, r in enumerate(SKIP_REASONS)}
+    assert skip_dict(skip_vector(counts)) == counts and len(skip_vector({})) == len(SKIP_REASONS)
+
+
+def test_shapes_batches_replay_and_mix_long_and_short(shapes_phase):
+    index = BucketIndex.load(shapes_phase.index_path, shapes_phase.folder)
+    sampler = BucketBatchSampler(index, 16, seed=0)
+    loader = RowLoader(shapes_phase.folder, DataConfig(decode_threads=2), row_counts=index.manifest["rows"])
+    batches = [loader.load(sampler.batch(s)) for s in range(12)]
+    again = loader.load(sampler.batch(5))
+    assert again.captions == batches[5].captions and torch.equal(again.images, batches[5].images)
+    assert {b.long_captions for b in batches} == {True, False}
+    for b in batches:
+        assert b.images.shape[2:] == (b.height, b.width) and len(b) == 16
+        assert sum(b.skipped.values()) == 0
+        for c in b.captions:
+            assert any(col in c.lower() for col in COLOURS) and any(s in c.lower() for s in SHAPES)
+            assert not c.lower().startswith("the image shows")
+    long_batch = next(b for b in batches if b.long_captions)
+    assert any(not c.endswith(".") for c in long_batch.captions) and any(c.endswith(".") for c in long_batch.captions)

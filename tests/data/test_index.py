@@ -1,0 +1,111 @@
+"""create-indices lists every valid row exactly once, loads without pickle, and notices a changed folder."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sd3.data.index import BucketIndex, IndexMismatchError, create_indices
+from sd3.data.shards import ShardReader, list_shards
+
+from . import helpers
+
+
+def test_every_valid_row_exactly_once(shapes_phase):
+    index = BucketIndex.load(shapes_phase.index_path, shapes_phase.folder)
+    assert index.num_rows == shapes_phase.num_rows
+    assert sorted(index.row_ids.tolist()) == list(range(shapes_phase.num_rows))
+    reader = index.reader(shapes_phase.folder)
+    table = reader.read(np.arange(reader.num_rows), ["bucket_size"])
+    truth = table.column("bucket_size").to_pylist()
+    for name in index.buckets:
+        rows = index.rows(name)
+        assert (np.diff(rows) > 0).all()
+        assert {truth[r] for r in rows} == {name}
+    assert list(index.counts) == sorted(index.counts, reverse=True)
+
+
+def test_invalid_bucket_sizes_are_left_out_and_counted(tmp_path):
+    good = helpers.solid_png()
+    rows = [helpers.phase_row(good) for _ in range(6)]
+    rows[1]["bucket_size"] = None
+    rows[4]["bucket_size"] = "garbage"
+    helpers.write_phase_shard(tmp_path / "a.parquet", rows)
+    helpers.write_phase_shard(tmp_path / "b.parquet", [helpers.phase_row(good, height=32) for _ in range(3)])
+    index = create_indices(tmp_path, tmp_path / "idx.npz", n_proc=2)
+    assert index.manifest["skipped_rows"] == 2
+    assert index.buckets == ["64x64", "32x64"]
+    assert index.rows("64x64").tolist() == [0, 2, 3, 5] and index.rows("32x64").tolist() == [6, 7, 8]
+    assert index.manifest["rows"] == [6, 3] and index.manifest["shards"] == ["a.parquet", "b.parquet"]
+
+
+def test_saved_without_pickle(shapes_phase):
+    with np.load(shapes_phase.index_path, allow_pickle=False) as z:
+        assert all(z[k].dtype != object for k in z.files)
+
+
+def _copy_folder(src, dst):
+    dst.mkdir()
+    for p in list_shards(src):
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("change", ["added", "removed", "rewritten"])
+def test_changed_folder_is_detected(shapes_phase, tmp_path, change):
+    folder = _copy_folder(shapes_phase.folder, tmp_path / "phase")
+    index_path = tmp_path / "idx.npz"
+    create_indices(folder, index_path, n_proc=1)
+    BucketIndex.load(index_path, folder)  # unchanged: fine
+    shards = list_shards(folder)
+    if change == "added":
+        helpers.write_phase_shard(folder / "zzz-new.parquet", [helpers.phase_row(helpers.solid_png())])
+        culprit = "zzz-new.parquet"
+    elif change == "removed":
+        shards[0].unlink()
+        culprit = shards[0].name
+    else:
+        table = pq.read_table(shards[1])
+        pq.write_table(table.slice(0, 10), shards[1])
+        culprit = shards[1].name
+    with pytest.raises(IndexMismatchError, match="re-run `sd3 create-indices`") as e:
+        BucketIndex.load(index_path, folder)
+    assert culprit in str(e.value)
+
+
+def test_reader_reads_rows_in_order_across_shards(shapes_phase):
+    reader = ShardReader(shapes_phase.folder)
+    all_rows = reader.read(np.arange(reader.num_rows), ["recaption", "height"])
+    ask = np.array([5, 310, 5, 0, 199, 80, 79])  # repeats, several shards, shard boundaries
+    got = reader.read(ask, ["recaption", "height"])
+    assert got.column("recaption").to_pylist() == [all_rows.column("recaption")[int(i)].as_py() for i in ask]
+    assert got.column_names == ["recaption", "height"]
+    with pytest.raises(IndexError, match="out of range"):
+        reader.read([reader.num_rows], ["height"])
+
+
+def test_reader_is_picklable_and_checks_columns(shapes_phase):
+    import pickle
+
+    reader = ShardReader(shapes_phase.folder)
+    reader.read([1, 2], ["height"])
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone.read([2], ["height"]).column("height").to_pylist() == reader.read([2], ["height"]).column("height").to_pylist()
+    with pytest.raises(ValueError, match="no column 'nope'"):
+        reader.read([1], ["nope"])
+
+
+def test_reader_reads_only_the_needed_row_groups(tmp_path, monkeypatch):
+    rows = [helpers.phase_row(helpers.solid_png(), caption=f"row {i}") for i in range(40)]
+    path = helpers.write_phase_shard(tmp_path / "a.parquet", rows, row_group_rows=8)
+    calls = []
+    original = pq.ParquetFile.read_row_group
+
+    def spy(self, i, *args, **kwargs):
+        calls.append(i)
+        return original(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    got = ShardReader(tmp_path).read([17, 3, 18], ["recaption"])
+    assert got.column("recaption").to_pylist() == ["row 17", "row 3", "row 18"]
+    assert sorted(calls) == [0, 2]

@@ -1,0 +1,126 @@
+"""The bucket batch sampler: deterministic, resumable, disjoint across loaders, one bucket per batch."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from sd3.data.index import BucketIndex
+from sd3.data.sampler import BucketBatchSampler
+
+
+def make_index(counts: dict[str, int], seed: int = 0) -> BucketIndex:
+    """Buckets with the given sizes over shuffled global row ids (as rows of many shards would be)."""
+    total = sum(counts.values())
+    ids = np.random.default_rng(seed).permutation(total).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(list(counts.values()))]).astype(np.int64)
+    row_ids = np.concatenate([np.sort(ids[a:b]) for a, b in zip(offsets[:-1], offsets[1:])])
+    return BucketIndex(list(counts), row_ids, offsets, {"shards": [], "bytes": [], "rows": [total], "skipped_rows": 0})
+
+
+INDEX = make_index({"64x64": 300, "32x64": 170, "64x32": 97, "48x48": 41, "16x16": 5})
+BUCKET_OF = {int(r): b for b in INDEX.buckets for r in INDEX.rows(b)}
+
+
+def ids(sampler, steps):
+    return [sampler.batch(s).row_ids.tolist() for s in steps]
+
+
+def test_same_seed_same_batches_and_other_seed_differs():
+    a, b = BucketBatchSampler(INDEX, 16, seed=3), BucketBatchSampler(INDEX, 16, seed=3)
+    assert ids(a, range(60)) == ids(b, range(60))
+    assert ids(a, range(60)) != ids(BucketBatchSampler(INDEX, 16, seed=4), range(60))
+    # batch(step) is pure: asking out of order, or again, gives the same answer
+    assert ids(a, [55, 3, 40]) == ids(b, [55, 3, 40]) and a.batch(7).seed_for_step == b.batch(7).seed_for_step
+
+
+def test_load_state_dict_mid_stream_continues_identically():
+    first = BucketBatchSampler(INDEX, 16, seed=5)
+    for _ in range(37):  # past the end of epoch 0 (about 37 batches)
+        first.next()
+    state = first.state_dict()
+    expected = [first.next() for _ in range(20)]
+    resumed = BucketBatchSampler(INDEX, 16, seed=5)
+    resumed.load_state_dict(state)
+    got = [resumed.next() for _ in range(20)]
+    assert [b.row_ids.tolist() for b in got] == [b.row_ids.tolist() for b in expected]
+    assert [b.seed_for_step for b in got] == [b.seed_for_step for b in expected]
+    assert all(isinstance(v, int) for v in state.values())
+
+
+def test_load_state_dict_refuses_other_settings():
+    state = BucketBatchSampler(INDEX, 16, seed=5).state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        BucketBatchSampler(INDEX, 16, seed=6).load_state_dict(state)
+    with pytest.raises(ValueError, match="num_loaders"):
+        BucketBatchSampler(INDEX, 16, seed=5, loader_index=0, num_loaders=2).load_state_dict(state)
+
+
+def test_epoch_covers_each_row_of_the_share_once_and_never_mixes_buckets():
+    s = BucketBatchSampler(INDEX, 16, seed=1)
+    seen = []
+    for step in range(s.batches_per_epoch):
+        b = s.batch(step)
+        assert {BUCKET_OF[int(r)] for r in b.row_ids} == {b.bucket}
+        assert len(b.row_ids) <= 16
+        assert (b.height, b.width) == tuple(int(v) for v in b.bucket.split("x"))
+        seen.extend(b.row_ids.tolist())
+    assert len(seen) == len(set(seen)) == s.rows_per_epoch
+    kept = {b for b in INDEX.buckets if INDEX.counts[INDEX.buckets.index(b)] >= 16}
+    assert set(seen) == {r for r, b in BUCKET_OF.items() if b in kept}
+    # the next epoch is another permutation of the same rows
+    nxt = [r for step in range(s.batches_per_epoch, 2 * s.batches_per_epoch) for r in s.batch(step).row_ids.tolist()]
+    assert sorted(nxt) == sorted(seen) and nxt != seen
+
+
+def test_loaders_are_disjoint_within_each_pass():
+    loaders = [BucketBatchSampler(INDEX, 8, seed=2, loader_index=k, num_loaders=3) for k in range(3)]
+    assert len({s.batches_per_epoch for s in loaders}) == 1
+    per_epoch = loaders[0].batches_per_epoch
+    for epoch in range(2):
+        sets = [
+            {r for step in range(epoch * per_epoch, (epoch + 1) * per_epoch) for r in s.batch(step).row_ids.tolist()}
+            for s in loaders
+        ]
+        assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+        assert all(len(x) == loaders[0].rows_per_epoch for x in sets)
+
+
+def test_first_batch_is_from_the_largest_bucket():
+    for seed in range(20):
+        assert BucketBatchSampler(INDEX, 16, seed=seed).batch(0).bucket == "64x64"
+
+
+def test_bucket_frequency_follows_size():
+    s = BucketBatchSampler(INDEX, 4, seed=0)
+    firsts = [s.batch(e * s.batches_per_epoch + 1).bucket for e in range(300)]  # 2nd batch of 300 epochs
+    share = np.array([firsts.count(b) for b in ("64x64", "32x64", "64x32", "48x48")]) / len(firsts)
+    expected = np.array([300, 170, 97, 41]) / 608
+    assert np.abs(share - expected).max() < 0.08
+
+
+def test_small_buckets_dropped_and_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="sd3.data.sampler"):
+        s = BucketBatchSampler(INDEX, 16, seed=0, min_bucket_size=0)
+    assert "16x16" in caplog.text and "below 16 rows" in caplog.text
+    assert "16x16" not in {s.batch(i).bucket for i in range(s.batches_per_epoch)}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sd3.data.sampler"):
+        s = BucketBatchSampler(INDEX, 16, seed=0, min_bucket_size=50)  # explicit threshold
+    assert s.threshold == 50 and "48x48" in caplog.text and "below 50 rows" in caplog.text
+    assert {s.batch(i).bucket for i in range(s.batches_per_epoch)} == {"64x64", "32x64", "64x32"}
+    s = BucketBatchSampler(INDEX, 16, seed=0, min_bucket_size=1)
+    assert "16x16" in {s.batch(i).bucket for i in range(s.batches_per_epoch)}
+
+
+def test_no_bucket_big_enough_is_a_clear_error():
+    with pytest.raises(ValueError, match="min_bucket_size"):
+        BucketBatchSampler(INDEX, 1000, seed=0)
+
+
+def test_seed_for_step_streams():
+    s = BucketBatchSampler(INDEX, 16, seed=0)
+    b = s.batch(3)
+    assert b.seed(1) != b.seed(2)
+    assert b.numpy_rng(1).random() == s.batch(3).numpy_rng(1).random()
+    assert BucketBatchSampler(INDEX, 16, seed=0, loader_index=1, num_loaders=2).batch(3).seed_for_step != b.seed_for_step
