@@ -61,6 +61,7 @@ def write_table(path: str | Path, table: pa.Table, row_group_rows: int = PHASE_R
     dictionary encoding or parquet compression, which would only cost time.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if metadata:
         merged = dict(table.schema.metadata or {})

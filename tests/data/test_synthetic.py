@@ -1,0 +1,34 @@
+"""The shapes data: deterministic, captions state what is drawn, and the pixels agree with the labels."""
+
+import numpy as np
+
+from sd3.data.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, make_shapes, render
+
+
+def test_deterministic_and_prefix_stable():
+    a = list(make_shapes(20, seed=3))
+    b = list(make_shapes(30, seed=3))[:20]
+    assert [s.recaption for s in a] == [s.recaption for s in b]
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
+    assert [s.recaption for s in a] != [s.recaption for s in make_shapes(20, seed=4)]
+
+
+def test_captions_and_pixels_match_labels():
+    samples = list(make_shapes(300, seed=0))
+    assert {s.labels.shape for s in samples} == set(SHAPES)
+    assert {s.labels.position for s in samples} == set(POSITIONS)
+    assert {(s.labels.width, s.labels.height) for s in samples} == set(SIZES)
+    assert any(s.recaption.startswith("The image shows") for s in samples)  # exercises caption cleaning
+    for s in samples:
+        lab = s.labels
+        assert lab.colour != lab.background
+        assert s.image.size == (lab.width, lab.height)
+        for caption in (s.recaption, s.recaption_short):
+            assert lab.colour in caption and lab.shape in caption and lab.background in caption
+        assert POSITIONS[lab.position][2] in s.recaption and lab.position in s.recaption_short
+        arr = np.asarray(s.image)
+        row, col, _ = POSITIONS[lab.position]
+        cy, cx = int((row + 0.5) * lab.height / 3), int((col + 0.5) * lab.width / 3)
+        assert tuple(arr[cy, cx]) == COLOURS[lab.colour]  # the shape covers its cell centre
+        assert tuple(arr[0, 0]) == COLOURS[lab.background] or lab.position == "top left"
+        assert np.array_equal(np.asarray(render(lab)), arr)
