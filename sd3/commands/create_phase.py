@@ -8,7 +8,7 @@ import os
 
 from sd3.data.buckets import BUCKET_MODES
 from sd3.data.phase import FORMATS, PhaseOptions, create_phase
-from sd3.data.shards import PHASE_ROW_GROUP_ROWS
+from sd3.data.shards import PHASE_ROW_GROUP_BYTES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,14 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality", type=int, default=95, help="jpeg / webp quality")
     parser.add_argument("--bucket-mode", choices=BUCKET_MODES, default="exact",
                         help="exact: each side to the nearest multiple (source); area: fixed aspect buckets of ~max_res^2 px")
-    parser.add_argument("--row-group-rows", type=int, default=PHASE_ROW_GROUP_ROWS, help="rows per parquet row group")
+    parser.add_argument("--row-group-mb", type=float, default=PHASE_ROW_GROUP_BYTES / 2**20,
+                        help="MiB of images per parquet row group (a random row read costs one group)")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        opt = PhaseOptions(args.max_res, args.patch_size, args.format, args.quality, args.bucket_mode, args.row_group_rows)
+        opt = PhaseOptions(args.max_res, args.patch_size, args.format, args.quality, args.bucket_mode, int(args.row_group_mb * 2**20))
         summary = create_phase(args.input_dir, args.output_dir, opt, workers=args.workers, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"sd3 create-phase: {e}") from None

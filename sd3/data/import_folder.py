@@ -82,7 +82,7 @@ def import_folder(images: str | Path, metadata: str | Path, out_dir: str | Path,
 
     def flush() -> None:
         path = out_dir / f"import-{len(summary.shards):05d}.parquet"
-        write_table(path, pa.Table.from_pylist(rows, schema=RAW_IMPORT_SCHEMA), row_group_rows=256)
+        write_table(path, pa.Table.from_pylist(rows, schema=RAW_IMPORT_SCHEMA))
         summary.shards.append(path)
         rows.clear()
 

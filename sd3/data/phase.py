@@ -21,7 +21,7 @@ from tqdm import tqdm
 from sd3.data.buckets import BUCKET_MODES, bucket_name, fit, target_size
 from sd3.data.captions import caption_text
 from sd3.data.images import BadImage, decode_image, encode_image
-from sd3.data.shards import PHASE_ROW_GROUP_ROWS, PHASE_SCHEMA, RAW_COLUMNS, list_shards, shard_row_count, write_table
+from sd3.data.shards import PHASE_ROW_GROUP_BYTES, PHASE_SCHEMA, RAW_COLUMNS, list_shards, row_group_rows_for, shard_row_count, write_table
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,15 @@ FORMATS = ("png", "jpeg", "webp")
 @dataclass(frozen=True)
 class PhaseOptions:
     """max_res: longest side (exact) or sqrt of the area (area); patch_size: sides are multiples of it;
-    fmt/quality: re-encoding (png is lossless; quality applies to jpeg/webp); bucket_mode: exact | area."""
+    fmt/quality: re-encoding (png is lossless; quality applies to jpeg/webp); bucket_mode: exact | area;
+    row_group_bytes: image bytes per parquet row group (the unit of a random read)."""
 
     max_res: int = 256
     patch_size: int = 16
     fmt: str = "png"
     quality: int = 95
     bucket_mode: str = "exact"
-    row_group_rows: int = PHASE_ROW_GROUP_ROWS
+    row_group_bytes: int = PHASE_ROW_GROUP_BYTES
 
     def __post_init__(self):
         if self.patch_size < 1 or self.max_res < self.patch_size:
@@ -111,7 +112,7 @@ def convert_shard(src: Path, dst: Path, opt: PhaseOptions) -> tuple[int, Counter
             buckets[row["bucket_size"]] += 1
     table = pa.Table.from_pylist(rows, schema=PHASE_SCHEMA)
     meta = {"sd3.max_res": opt.max_res, "sd3.patch_size": opt.patch_size, "sd3.bucket_mode": opt.bucket_mode, "sd3.format": opt.fmt}
-    write_table(dst, table, row_group_rows=opt.row_group_rows, metadata=meta)
+    write_table(dst, table, row_group_rows=row_group_rows_for(table, opt.row_group_bytes), metadata=meta)
     return len(rows), dropped, buckets
 
 

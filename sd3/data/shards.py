@@ -10,8 +10,10 @@ Two schemas:
 - phase shards (`create-phase`): the raw columns plus `height`, `width`, `aspect_ratio` and `bucket_size`
   (`"HxW"` in pixels, height first, both multiples of the patch size).
 
-Phase shards use small row groups so a random row costs one small read: a loader reads a few hundred rows
-scattered over every shard per step, and parquet can only read whole row groups.
+Parquet reads whole row groups, and a loader reads a few hundred rows scattered over every shard per step, so
+phase shards use row groups of about PHASE_ROW_GROUP_BYTES of images (a random row costs one such read) rather
+than parquet's default of a million rows. Only caption columns are compressed: image bytes are already
+compressed, and a compressed chunk per small row group would cost create-indices a codec set-up per group.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ PHASE_SCHEMA = pa.schema(
         ("bucket_size", pa.string()),  # "HxW", height first
     ]
 )
-PHASE_ROW_GROUP_ROWS = 32  # a random read of one row decodes at most this many images' bytes
+PHASE_ROW_GROUP_BYTES = 4 << 20  # image bytes per row group: ~40 rows at 256 px PNG, ~4 at 1024 px
+MIN_ROW_GROUP_ROWS, MAX_ROW_GROUP_ROWS = 4, 1024
+COMPRESSED_COLUMNS = ("recaption", "recaption_short")
 MAX_OPEN_FILES = 64  # per reader; a folder can hold thousands of shards
 
 
@@ -53,12 +57,19 @@ def list_shards(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
 
 
-def write_table(path: str | Path, table: pa.Table, row_group_rows: int = PHASE_ROW_GROUP_ROWS, metadata: dict | None = None) -> None:
+def row_group_rows_for(table: pa.Table, target_bytes: int = PHASE_ROW_GROUP_BYTES) -> int:
+    """Rows per row group so that a group holds about `target_bytes` of the `image` column."""
+    if "image" not in table.column_names or table.num_rows == 0:
+        return MAX_ROW_GROUP_ROWS
+    mean = max(1, table.column("image").nbytes // table.num_rows)
+    return int(min(MAX_ROW_GROUP_ROWS, max(MIN_ROW_GROUP_ROWS, target_bytes // mean)))
+
+
+def write_table(path: str | Path, table: pa.Table, row_group_rows: int | None = None, metadata: dict | None = None) -> None:
     """Write a shard atomically: to a hidden temporary name in the same folder, then rename.
 
     A crash never leaves a half-written shard under its final name, so "the output exists" means "it is done"
-    (create-phase relies on this to resume). Image bytes are already compressed: they are stored without
-    dictionary encoding or parquet compression, which would only cost time.
+    (create-phase relies on this to resume). row_group_rows: None = row_group_rows_for(table).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,8 +78,10 @@ def write_table(path: str | Path, table: pa.Table, row_group_rows: int = PHASE_R
         merged = dict(table.schema.metadata or {})
         merged.update({k.encode(): str(v).encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(merged)
+    if row_group_rows is None:
+        row_group_rows = row_group_rows_for(table)
     columns = table.column_names
-    compression = {c: ("none" if c == "image" else "zstd") for c in columns}
+    compression = {c: ("zstd" if c in COMPRESSED_COLUMNS else "none") for c in columns}
     dictionary = [c for c in columns if c != "image"]
     try:
         pq.write_table(table, tmp, row_group_size=row_group_rows, compression=compression, use_dictionary=dictionary)

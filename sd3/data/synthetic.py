@@ -165,6 +165,6 @@ def write_shapes(out_dir: str | Path, n: int, seed: int = 0, shard_rows: int = 1
                 }
             )
         path = out_dir / f"shapes-{shard:05d}.parquet"
-        write_table(path, pa.Table.from_pylist(rows), row_group_rows=256)
+        write_table(path, pa.Table.from_pylist(rows))
         paths.append(path)
     return paths

@@ -115,3 +115,16 @@ def test_bad_options_are_refused():
         PhaseOptions(max_res=100)
     with pytest.raises(ValueError, match="format"):
         PhaseOptions(fmt="gif")
+
+
+def test_row_groups_hold_about_the_target_bytes(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    noise = [helpers.png(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))) for _ in range(24)]
+    rows = [{"image": img, "recaption": b"noise", "recaption_short": b"noise"} for img in noise]
+    _raw_shard(tmp_path / "raw" / "a.parquet", [], rows)
+    size = len(noise[0])  # ~12 KB of incompressible PNG
+    create_phase(tmp_path / "raw", tmp_path / "phase", PhaseOptions(max_res=64, row_group_bytes=6 * size), progress=False)
+    meta = pq.ParquetFile(tmp_path / "phase" / "a.parquet").metadata
+    assert meta.num_rows == 24 and 4 <= meta.num_row_groups <= 6
