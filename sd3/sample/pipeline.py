@@ -1,9 +1,10 @@
 """Prompt -> image: a checkpoint's MMDiT, its text encoders and VAE decoder, loaded once, sampled many times.
 
 The source (003_5bc3fb5fdb7c8fe6.txt, "Inference") kept every model on the GPU in fp32 and needed ~15 GB at 512².
-Here the weights are cast to the sampling dtype, and models not needed by the current stage leave the device:
-the text encoders and the VAE decoder live on the CPU and visit the device only for their stage, so while the MMDiT
-denoises, the device holds the MMDiT and its activations alone.
+Here the weights are created in the sampling dtype (no fp32 copy), and each stage's models visit the device alone
+(when it is not the CPU): the text encoders encode every prompt of a call while the MMDiT waits on the CPU, then the
+MMDiT denoises with the encoders back on the CPU, then the VAE decoder decodes. The device's peak is the largest
+stage, not the sum of all models.
 """
 
 from __future__ import annotations
@@ -242,16 +243,18 @@ class Pipeline:
         if seed < 0:
             seed = random.randrange(2**31)
 
+        # All prompts (and the negative one) are encoded in one visit of the text encoders to the device.
+        with self.off_device(self.model):
+            context_all, pooled_all = self.encode(prompts + [negative])  # (P+1, 2T, D), (P+1, P)
+        uncond_one = (context_all[-1:], pooled_all[-1:])
+
         down = self.cfg.model.vae_downsample
         images, seeds, all_prompts, frames = [], [], [], []
         for p_index, text in enumerate(prompts):
             batch_seeds = [seed + p_index * batch_size + i for i in range(batch_size)]
-            context, pooled = self.encode([text])  # (1, 2T, D), (1, P)
-            context, pooled = context.expand(batch_size, -1, -1), pooled.expand(batch_size, -1)
-            uncond = None
-            if cfg_scale != 0:
-                uc, up = self.encode([negative])
-                uncond = (uc.expand(batch_size, -1, -1), up.expand(batch_size, -1))
+            context = context_all[p_index:p_index + 1].expand(batch_size, -1, -1)  # (B, 2T, D)
+            pooled = pooled_all[p_index:p_index + 1].expand(batch_size, -1)  # (B, P)
+            uncond = (uncond_one[0].expand(batch_size, -1, -1), uncond_one[1].expand(batch_size, -1))
             noise = torch.cat([
                 torch.randn(1, self.cfg.model.in_channels, height // down, width // down,
                             generator=torch.Generator().manual_seed(s_i))
@@ -270,8 +273,8 @@ class Pipeline:
             seeds += batch_seeds
             all_prompts += [text] * batch_size
             if return_intermediates:
-                decoded = [self.decode(x) for x in steps] + [images[-batch_size:]]  # [step][image]
-                frames += [list(per_image) for per_image in zip(*decoded)]
+                decoded = self.decode(torch.cat(steps))  # [step * B + image]
+                frames += [decoded[i::batch_size] + [images[-batch_size + i]] for i in range(batch_size)]
         settings = dict(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, width=width, height=height,
                         negative_prompt=negative, dtype=str(self.dtype).removeprefix("torch."))
         return SampleResult(images, seeds, all_prompts, frames if return_intermediates else None, settings)
@@ -281,6 +284,10 @@ class Pipeline:
     def on_device(self, part) -> "_Visit":
         return _Visit(part, self.device, self.home)
 
+    def off_device(self, part) -> "_Visit":
+        """While the text encoders run, the MMDiT waits on the CPU: one stage's models on the device at a time."""
+        return _Visit(part, self.home, self.device)
+
 
 def drop_vae_encoder(vae) -> None:
     """Sampling only decodes: the VAE's encoder half is freed (a LatentVAE wraps a diffusers AutoencoderKL)."""
@@ -289,7 +296,10 @@ def drop_vae_encoder(vae) -> None:
 
 
 def move(part, device: torch.device) -> None:
-    """Move a TextEncoders or LatentVAE: each holds its nn.Modules and the `device` its inputs are sent to."""
+    """Move an nn.Module, or a TextEncoders / LatentVAE (each holds its nn.Modules and the `device` its inputs go to)."""
+    if isinstance(part, torch.nn.Module):
+        part.to(device)
+        return
     for value in vars(part).values():
         if isinstance(value, torch.nn.Module):
             value.to(device)
@@ -297,18 +307,24 @@ def move(part, device: torch.device) -> None:
 
 
 class _Visit:
-    """`with pipe.on_device(encoders):` moves a part to the sampling device and back home (the CPU when offloading)."""
+    """`with pipe.on_device(part):` moves a part to `there` and back afterwards; a no-op when both are the same."""
 
-    def __init__(self, part, device: torch.device, home: torch.device):
-        self.part, self.device, self.home = part, device, home
+    def __init__(self, part, there: torch.device, back: torch.device):
+        self.part, self.there, self.back = part, there, back
 
     def __enter__(self):
-        if self.device != self.home:
-            move(self.part, self.device)
+        if self.there != self.back:
+            move(self.part, self.there)
+            _release(self.back)
         return self.part
 
     def __exit__(self, *exc) -> None:
-        if self.device != self.home:
-            move(self.part, self.home)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        if self.there != self.back:
+            move(self.part, self.back)
+            _release(self.there)
+
+
+def _release(device: torch.device) -> None:
+    """Hand the memory of the weights that just left a GPU back to the driver, for the next stage's models."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
