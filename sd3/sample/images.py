@@ -6,6 +6,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -14,6 +15,12 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] (the VAE's range) -> B RGB images."""
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, H, W)
     return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy(), mode="RGB") for p in pixels]
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """B RGB images of one size -> (B, 3, H, W) float32 in [-1, 1], the VAE's input range."""
+    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (B, H, W, 3)
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def slug(prompt: str, max_len: int = 48) -> str:
