@@ -1,0 +1,16 @@
+"""Distribution: rank roles and process groups (topology), Batch transport (transport), the loader-rank loop (loader)."""
+
+from sd3.dist.topology import Topology, TopologyError, init_distributed, shutdown_distributed
+from sd3.dist.transport import BatchReceiver, BatchSender, ConsumerFailed, LoaderFailed, LoaderStats
+
+__all__ = [
+    "BatchReceiver",
+    "BatchSender",
+    "ConsumerFailed",
+    "LoaderFailed",
+    "LoaderStats",
+    "Topology",
+    "TopologyError",
+    "init_distributed",
+    "shutdown_distributed",
+]
