@@ -53,7 +53,11 @@ def folder_manifest(folder: str | Path) -> dict:
 def _read_shard_buckets(path: Path) -> tuple[list[str], np.ndarray]:
     """One shard's bucket names and, per row, the position of its bucket in that list (-1 = no valid bucket)."""
     try:
-        table = pq.read_table(path, columns=["bucket_size"], read_dictionary=["bucket_size"], use_threads=False)
+        # ParquetFile.read, not pq.read_table: the dataset layer behind read_table costs ~3x more per row group.
+        pf = pq.ParquetFile(path, read_dictionary=["bucket_size"], memory_map=True)
+        table = pf.read(columns=["bucket_size"], use_threads=False)
+    except KeyError:
+        raise ShardError(f"{path}: no column 'bucket_size'; is this a phase folder made by `sd3 create-phase`?") from None
     except (OSError, pa.ArrowInvalid) as e:
         raise ShardError(f"{path}: cannot read column 'bucket_size' ({e})") from None
     column = table.column("bucket_size")

@@ -109,3 +109,10 @@ def test_reader_reads_only_the_needed_row_groups(tmp_path, monkeypatch):
     got = ShardReader(tmp_path).read([17, 3, 18], ["recaption"])
     assert got.column("recaption").to_pylist() == ["row 17", "row 3", "row 18"]
     assert sorted(calls) == [0, 2]
+
+
+def test_raw_folder_without_bucket_size_is_named(shapes_phase):
+    from sd3.data.shards import ShardError
+
+    with pytest.raises(ShardError, match=r"shapes-00000.parquet: no column 'bucket_size'"):
+        create_indices(shapes_phase.raw_folder, None, n_proc=1)
