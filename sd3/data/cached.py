@@ -83,7 +83,7 @@ class CacheWriter:
         tmp = self.folder / ".rows.tmp.npz"
         np.savez(
             tmp, row_ids=row_ids,
-            file=(np.concatenate(file_of) if ids else np.zeros(0, np.int32))[order],
+            file_index=(np.concatenate(file_of) if ids else np.zeros(0, np.int32))[order],
             pos=(np.concatenate(pos_of) if ids else np.zeros(0, np.int32))[order],
             files=np.array(files, dtype=np.str_),
         )
@@ -108,7 +108,7 @@ class CacheReader:
             raise ValueError(f"cache {self.folder}: format {self.manifest.get('version')}, expected {CACHE_VERSION}; re-run `sd3 cache`")
         with np.load(self.folder / ROWS, allow_pickle=False) as z:
             self.row_ids = z["row_ids"]
-            self.file_of = z["file"]
+            self.file_of = z["file_index"]
             self.pos_of = z["pos"]
             self.files = [str(f) for f in z["files"]]
         self.skipped = {SKIP_NOT_CACHED: 0}

@@ -73,7 +73,7 @@ def build_sampler(cfg: Config, loader_index: int, num_loaders: int, global_batch
 class Encoder:
     """RowLoader + Conditioner: a sampler step -> the Batch a model rank trains on. Shared by colocated and cache."""
 
-    def __init__(self, cfg: Config, loader_index: int, num_loaders: int, device: torch.device):
+    def __init__(self, cfg: Config, loader_index: int, num_loaders: int, device: torch.device | str):
         from sd3.data.batches import RowLoader
         from sd3.encoders.conditioner import Conditioner
 

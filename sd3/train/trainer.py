@@ -172,13 +172,15 @@ class Trainer:
             wait_s = time.perf_counter() - wait_start
             self.note_batch(batch, stats, wait_s)
             batch = batch.to(self.device, torch.float32)
-            x0 = batch.latents  # (B, C, h, w)
+            # One memory layout whatever the source: the VAE returns channels-last latents, a cache or the
+            # transport contiguous ones, and the kernels (hence the last bits of the loss) differ between them.
+            x0 = batch.latents.contiguous()  # (B, C, h, w)
             b = len(batch)
 
             # This micro-batch's own random stream: CFG masks, timesteps, noise.
             gen = generator(tc.seed, self.micro_step, self.ranks.rank, "train")
             context, pooled = cfg_dropout(
-                batch.context, batch.pooled, m.text_tokens, tc.null_prob_pooled, tc.null_prob_gemma, tc.null_prob_bert, gen
+                batch.context.contiguous(), batch.pooled.contiguous(), m.text_tokens, tc.null_prob_pooled, tc.null_prob_gemma, tc.null_prob_bert, gen
             )  # (B, 2T, D), (B, P)
             t = sample_timesteps(b, gen, self.device)  # (B,)
             noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(self.device)  # (B, C, h, w)

@@ -1,0 +1,88 @@
+"""`sd3 cache --config PRESET [--loaders N] [--section.key=value ...]`: encode the shards once for mode=cached.
+
+Walks epoch 0 of the bucket sampler of each of N loaders (the loader count of the training run that will read
+the cache: 1 for a single process, the world size for colocated/cached under torchrun) and writes each step's
+latents + text embeddings to topology.cache_folder (format: sd3/data/cached.py). Under torchrun the loaders
+are shared out among the processes. Interrupted runs resume: finished step files are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tqdm import tqdm
+
+from sd3.config import Config, load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="preset name (sd3/configs) or path to a TOML file")
+    parser.add_argument("--loaders", type=int, default=1,
+                        help="loader streams to cache (= processes of the cached training run); default 1")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="cache only the first STEPS sampler steps of each loader (default 0: one epoch); "
+                             "rows left out are skipped as not_cached when training")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.loaders < 1:
+        print("sd3 cache: error: --loaders must be >= 1", file=sys.stderr)
+        return 2
+    return build_cache(cfg, args.loaders, args.steps)
+
+
+def build_cache(cfg: Config, num_loaders: int, max_steps: int = 0) -> int:
+    """Write the cache of `num_loaders` loader streams; this process does the loaders with index % world == rank."""
+    import torch.distributed as dist
+
+    from sd3.data.cached import CacheWriter
+    from sd3.train.sources import Encoder
+
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        dist.init_process_group("gloo")
+    try:
+        writer = CacheWriter(cfg.topology.cache_folder)
+        skipped: dict[str, int] = {}
+        encoder = None
+        for loader_index in range(rank, num_loaders, world):
+            encoder = Encoder(cfg, loader_index, num_loaders, cfg.encoders.device)
+            steps = encoder.sampler.batches_per_epoch
+            if max_steps > 0:
+                steps = min(steps, max_steps)
+            for step in tqdm(range(steps), desc=f"cache loader {loader_index}/{num_loaders}", disable=rank != 0):
+                if writer.has(loader_index, step):
+                    continue
+                batch = encoder.encode(step)
+                if len(batch):
+                    writer.write(loader_index, step, encoder.sampler.batch(step).bucket, batch)
+            for reason, n in encoder.skipped.items():
+                skipped[reason] = skipped.get(reason, 0) + n
+            encoder.close()
+        if world > 1:
+            dist.barrier()
+        if rank == 0 and encoder is not None:
+            m = cfg.model
+            manifest = writer.finish({
+                "parquet_folder": str(cfg.data.parquet_folder),
+                "index_rows": encoder.index.num_rows,
+                "buckets": list(encoder.index.buckets),
+                "seed": cfg.data.seed,
+                "batch_size": cfg.data.batch_size,
+                "num_loaders": num_loaders,
+                "text_tokens": m.text_tokens,
+                "context_dim": m.context_dim,
+                "pooled_dim": m.pooled_dim,
+                "in_channels": m.in_channels,
+                "batch_dtype": cfg.encoders.batch_dtype,
+                "skipped_rows_this_run": skipped,
+            })
+            print(f"sd3 cache: {manifest['rows_cached']} rows in {manifest['files']} files in {cfg.topology.cache_folder} "
+                  f"(skipped this run: {skipped})", flush=True)
+        return 0
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
