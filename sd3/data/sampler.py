@@ -12,8 +12,8 @@ One *epoch* (a pass over the data) of one loader:
 2. the share is cut into chunks of `global_batch` rows (the last chunk of a bucket may be smaller);
 3. the chunks of all buckets are shuffled together (seed, loader, epoch). A uniform shuffle of the chunks picks
    the next bucket with probability proportional to its remaining chunks — its remaining size;
-4. in epoch 0 the first batch is moved to come from the largest bucket, so the first step allocates the
-   largest activations and later steps reuse that memory.
+4. in epoch 0 the first batch is moved to come from the largest bucket (most pixels per image), so the first
+   step allocates the largest activations and later steps reuse that memory.
 Buckets whose share is smaller than `min_bucket_size` (0 = the global batch size) are dropped and logged.
 """
 
@@ -121,6 +121,10 @@ class BucketBatchSampler:
         self.chunks = -(-self.share_sizes // self.global_batch)  # ceil: chunks per kept bucket
         self.batches_per_epoch = int(self.chunks.sum())
         self.rows_per_epoch = int(self.share_sizes.sum())
+        # "Largest" for memory: the most pixels per image (then the most rows), so the first step allocates
+        # the biggest activations and later steps reuse them.
+        pixels = np.array([h * w for h, w in (index.sizes[int(b)] for b in self.kept)])
+        self.largest = int(np.lexsort((-self.share_sizes, -pixels))[0])  # position among kept buckets
         self._plans: dict[int, _EpochPlan] = {}
 
     def _plan(self, epoch: int) -> _EpochPlan:
@@ -134,14 +138,13 @@ class BucketBatchSampler:
         bucket_of_batch = np.repeat(np.arange(len(self.kept)), self.chunks)
         np.random.default_rng([self.seed, _ORDER, self.loader_index, epoch]).shuffle(bucket_of_batch)
         if epoch == 0:
-            largest = int(np.argmax(self.share_sizes))
-            first = int(np.flatnonzero(bucket_of_batch == largest)[0])
+            first = int(np.flatnonzero(bucket_of_batch == self.largest)[0])
             bucket_of_batch[[0, first]] = bucket_of_batch[[first, 0]]
-        # The k-th batch of a bucket in this epoch takes its k-th chunk.
+        # The k-th batch of a bucket in this epoch takes its k-th chunk: rank of each batch among its bucket's.
+        order = np.argsort(bucket_of_batch, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(self.chunks)[:-1]])
         chunk_of_batch = np.empty_like(bucket_of_batch)
-        for b in range(len(self.kept)):
-            where = bucket_of_batch == b
-            chunk_of_batch[where] = np.arange(int(where.sum()))
+        chunk_of_batch[order] = np.arange(len(order)) - starts[bucket_of_batch[order]]
         plan = _EpochPlan(shares, bucket_of_batch, chunk_of_batch)
         self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}  # keep at most two epochs
         self._plans[epoch] = plan

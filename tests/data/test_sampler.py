@@ -18,7 +18,7 @@ def make_index(counts: dict[str, int], seed: int = 0) -> BucketIndex:
     return BucketIndex(list(counts), row_ids, offsets, {"shards": [], "bytes": [], "rows": [total], "skipped_rows": 0})
 
 
-INDEX = make_index({"64x64": 300, "32x64": 170, "64x32": 97, "48x48": 41, "16x16": 5})
+INDEX = make_index({"64x64": 300, "32x64": 170, "64x32": 97, "48x48": 41, "80x80": 20, "16x16": 5})
 BUCKET_OF = {int(r): b for b in INDEX.buckets for r in INDEX.rows(b)}
 
 
@@ -87,15 +87,17 @@ def test_loaders_are_disjoint_within_each_pass():
 
 
 def test_first_batch_is_from_the_largest_bucket():
-    for seed in range(20):
-        assert BucketBatchSampler(INDEX, 16, seed=seed).batch(0).bucket == "64x64"
+    for seed in range(20):  # largest = most pixels per image, whatever its number of rows
+        assert BucketBatchSampler(INDEX, 16, seed=seed).batch(0).bucket == "80x80"
+        assert BucketBatchSampler(INDEX, 8, seed=seed, loader_index=1, num_loaders=2).batch(0).bucket == "80x80"
+    assert BucketBatchSampler(INDEX, 16, seed=0, min_bucket_size=30).batch(0).bucket == "64x64"  # 80x80 dropped
 
 
 def test_bucket_frequency_follows_size():
     s = BucketBatchSampler(INDEX, 4, seed=0)
     firsts = [s.batch(e * s.batches_per_epoch + 1).bucket for e in range(300)]  # 2nd batch of 300 epochs
-    share = np.array([firsts.count(b) for b in ("64x64", "32x64", "64x32", "48x48")]) / len(firsts)
-    expected = np.array([300, 170, 97, 41]) / 608
+    share = np.array([firsts.count(b) for b in ("64x64", "32x64", "64x32", "48x48", "80x80")]) / len(firsts)
+    expected = np.array([300, 170, 97, 41, 20]) / 628
     assert np.abs(share - expected).max() < 0.08
 
 
@@ -109,6 +111,7 @@ def test_small_buckets_dropped_and_logged(caplog):
         s = BucketBatchSampler(INDEX, 16, seed=0, min_bucket_size=50)  # explicit threshold
     assert s.threshold == 50 and "48x48" in caplog.text and "below 50 rows" in caplog.text
     assert {s.batch(i).bucket for i in range(s.batches_per_epoch)} == {"64x64", "32x64", "64x32"}
+    assert "80x80" in caplog.text
     s = BucketBatchSampler(INDEX, 16, seed=0, min_bucket_size=1)
     assert "16x16" in {s.batch(i).bucket for i in range(s.batches_per_epoch)}
 
