@@ -104,11 +104,16 @@ class BucketBatchSampler:
 
         share = index.counts // self.num_loaders  # rows per loader per epoch, per bucket
         self.kept = np.flatnonzero(share >= self.threshold)  # bucket numbers in the index
-        dropped = [f"{index.buckets[i]} ({index.counts[i]} rows)" for i in np.flatnonzero(share < self.threshold)]
-        if dropped:
+        small = np.flatnonzero(share < self.threshold)
+        if len(small):
+            names = ", ".join(f"{index.buckets[i]} ({index.counts[i]} rows)" for i in small[:20])
+            more = f" and {len(small) - 20} more" if len(small) > 20 else ""
+            rows = int(index.counts[small].sum())
             log.warning(
-                "sampler: dropping %d of %d buckets whose share per loader (rows // %d loaders) is below %d rows: %s",
-                len(dropped), len(index.buckets), self.num_loaders, self.threshold, ", ".join(dropped),
+                "sampler: dropping %d of %d buckets (%d rows, %.2f%%) whose share per loader (rows // %d loaders) "
+                "is below %d rows: %s%s",
+                len(small), len(index.buckets), rows, 100 * rows / max(1, index.num_rows), self.num_loaders,
+                self.threshold, names, more,
             )
         else:
             log.info("sampler: all %d buckets kept (threshold %d rows per loader)", len(index.buckets), self.threshold)
