@@ -1,0 +1,182 @@
+"""`sd3 quickstart`: from nothing and offline to a grid of generated shapes, on CPU.
+
+Stages, each skipped when its output is already there (so an interrupted quick start picks up where it stopped):
+  1. make-tiny        tiny encoders + the shapes-trained tiny VAE        -> ROOT/data/tiny-models
+  2. make-dataset     synthetic shapes with captions (raw shards)        -> ROOT/data/quickstart/raw
+  3. create-phase     resized into buckets, sides multiples of 16        -> ROOT/data/quickstart/phase
+  4. create-indices   bucket -> row ids                                  -> ROOT/data/quickstart/bucket_indices.npz
+  5. train            torchrun, 1 loader rank + 2 model ranks, gloo/CPU  -> ROOT/runs/quickstart (resumes from latest)
+  6. sample           a grid for a few prompts                           -> ROOT/runs/quickstart/quickstart_grid.png
+Each stage prints its progress; the last line is the path of the grid PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = (
+    "A red circle in the center of a blue background.",
+    "A yellow square in the center of a purple background.",
+    "A green triangle in the center of a white background.",
+    "A blue star in the center of a yellow background.",
+    "A white diamond in the center of a black background.",
+    "An orange circle in the top left of a green background.",
+    "A purple square in the bottom right of an orange background.",
+    "A black triangle at the top of a red background.",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", default=".", help="where data/ and runs/ go (default: the current directory)")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps (optimizer steps)")
+    parser.add_argument("--n-images", type=int, default=4000, help="size of the synthetic shapes dataset")
+    parser.add_argument("--batch-size", type=int, default=16, help="per model rank")
+    parser.add_argument("--vae-steps", type=int, default=3000,
+                        help="tiny-VAE training steps, only when sd3/assets holds no trained weights")
+    parser.add_argument("--sample-steps", type=int, default=30, help="sampler steps for the grid")
+    parser.add_argument("--cfg", type=float, default=None, help="CFG scale of the grid (default: the preset's)")
+    parser.add_argument("--prompt", action="append", default=[], help="grid prompts (default: 8 shapes prompts)")
+    parser.add_argument("--nproc", type=int, default=3, help="torchrun processes: 1 loader + (nproc - 1) model ranks")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    parser.add_argument("--force", action="store_true", help="redo every stage")
+
+
+def main(args: argparse.Namespace) -> int:
+    root = Path(args.root).resolve()
+    paths = Paths(root)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on the hub
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    start = time.perf_counter()
+    stages = [
+        ("make-tiny", paths.models / "make_tiny.json", lambda: make_tiny(paths, args)),
+        ("make-dataset", paths.raw / ".complete", lambda: run_cli(
+            ["make-dataset", "shapes", "--out", str(paths.raw), "--n", str(args.n_images), "--seed", "0"])),
+        ("create-phase", paths.phase / ".complete", lambda: run_cli(
+            ["create-phase", "--input-dir", str(paths.raw), "--output-dir", str(paths.phase), "--max-res", "64",
+             "--patch-size", "16"])),
+        ("create-indices", paths.index.with_suffix(".complete"), lambda: run_cli(
+            ["create-indices", "--data-parquet-folder", str(paths.phase), "--bucket-indices-path", str(paths.index),
+             "--n-proc", "2"])),
+    ]
+    for number, (name, marker, run) in enumerate(stages, 1):
+        if marker.exists() and not args.force:
+            print(f"[{number}/6] {name}: done already ({marker.parent})", flush=True)
+            continue
+        print(f"[{number}/6] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        code = run()
+        if code:
+            print(f"sd3 quickstart: error: stage {name} failed (exit code {code})", file=sys.stderr)
+            return code
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1)}))
+        print(f"[{number}/6] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    code = train(paths, args)
+    if code:
+        print(f"sd3 quickstart: error: training failed (exit code {code}); re-run sd3 quickstart to resume it",
+              file=sys.stderr)
+        return code
+    grid = sample(paths, args)
+    print(f"quick start finished in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    print(grid, flush=True)
+    return 0
+
+
+class Paths:
+    def __init__(self, root: Path):
+        self.root = root
+        self.models = root / "data" / "tiny-models"
+        self.data = root / "data" / "quickstart"
+        self.raw = self.data / "raw"
+        self.phase = self.data / "phase"
+        self.index = self.data / "bucket_indices.npz"
+        self.run = root / "runs" / "quickstart"
+        self.grid = self.run / "quickstart_grid.png"
+
+
+def overrides(paths: Paths, args: argparse.Namespace) -> list[str]:
+    """The tiny-cpu preset pointed at this quick start's files."""
+    m = paths.models
+    return [
+        f"--encoders.clip={m / 'metaclip'}", f"--encoders.gemma={m / 'gemma'}", f"--encoders.bert={m / 'modernbert'}",
+        f"--encoders.vae={m / 'flux'}", f"--data.parquet_folder={paths.phase}",
+        f"--data.bucket_indices_path={paths.index}", f"--data.batch_size={args.batch_size}",
+        f"--train.total_steps={args.steps}", f"--train.save_dir={paths.run}",
+        f"--train.save_every={max(50, args.steps // 4)}", "--train.resume=auto",
+        f"--train.num_threads={args.threads}",
+    ]
+
+
+def run_cli(argv: list[str]) -> int:
+    """Run an sd3 command in this process (its progress bars print as they go)."""
+    from sd3.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+def make_tiny(paths: Paths, args: argparse.Namespace) -> int:
+    from sd3.encoders.tiny import TINY_VAE_WEIGHTS
+
+    argv = ["make-tiny", "--out", str(paths.models)]
+    if not TINY_VAE_WEIGHTS.is_file():
+        # No shipped weights: train the tiny VAE on shapes here so it reconstructs them (a few minutes).
+        argv += ["--train-vae-steps", str(args.vae_steps)]
+    return run_cli(argv)
+
+
+def finished_step(run_dir: Path) -> int:
+    """The step of the latest checkpoint in run_dir, or -1."""
+    latest = run_dir / "latest"
+    if not latest.is_file():
+        return -1
+    meta = run_dir / latest.read_text().strip() / "meta.json"
+    return int(json.loads(meta.read_text())["step"]) if meta.is_file() else -1
+
+
+def train(paths: Paths, args: argparse.Namespace) -> int:
+    done = finished_step(paths.run)
+    if done >= args.steps and not args.force:
+        print(f"[5/6] train: done already ({paths.run}, step {done})", flush=True)
+        return 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "sd3", "train", "--config", "tiny-cpu", *overrides(paths, args)]
+    if args.force and done >= 0:
+        cmd = [c for c in cmd if c != "--train.resume=auto"]
+    print(f"[5/6] train: {args.steps} steps, 1 loader + {args.nproc - 1} model ranks"
+          + (f", resuming from step {done}" if done >= 0 and not args.force else ""), flush=True)
+    print("      " + " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+    # The trainer's progress lines stream straight to this terminal.
+    code = subprocess.run(cmd, env=env).returncode
+    if code == 0:
+        print(f"[5/6] train: {time.perf_counter() - t0:.0f} s", flush=True)
+    return code
+
+
+def sample(paths: Paths, args: argparse.Namespace) -> Path:
+    from tqdm import tqdm
+
+    from sd3.sample.images import make_grid
+    from sd3.sample.pipeline import Pipeline
+
+    print("[6/6] sample ...", flush=True)
+    pipe = Pipeline.from_checkpoint(paths.run, device="cpu", dtype="bf16")
+    prompts = args.prompt or list(PROMPTS)
+    bar = tqdm(total=len(prompts) * args.sample_steps, desc="sampling", unit="step")
+    result = pipe(prompts, cfg_scale=args.cfg, num_steps=args.sample_steps, batch_size=1, seed=0,
+                  progress=lambda step, total: bar.update(step - bar.n))
+    bar.close()
+    scale = max(1, 128 // max(result.images[0].size))  # 64 px images are small on screen
+    images = [im.resize((im.width * scale, im.height * scale)) for im in result.images]
+    make_grid(images, columns=4).save(paths.grid)
+    (paths.grid.with_suffix(".txt")).write_text(
+        "".join(f"{i}: {p} (seed {s})\n" for i, (p, s) in enumerate(zip(result.prompts, result.seeds))))
+    return paths.grid
