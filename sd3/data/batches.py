@@ -159,8 +159,8 @@ class RowLoader:
             self.counters[reason] += n
 
         if pixels:
-            stacked = torch.from_numpy(np.stack(pixels))  # (B, H, W, 3) uint8
-            images_t = stacked.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()  # (B, 3, H, W)
+            channels_first = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W) uint8
+            images_t = channels_first.float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1]
         else:
             images_t = torch.empty((0, 3, h, w), dtype=torch.float32)
         return RawBatch(
