@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -67,8 +68,11 @@ def sampler_start(train_state: dict, loader_index: int) -> int:
     return int(train_state["micro_step"])
 
 
-def run(cfg: Config) -> int:
-    """Run this process's part of the job; returns its exit code."""
+def run(cfg: Config, after_train: Callable[[Any], None] | None = None) -> int:
+    """Run this process's part of the job; returns its exit code.
+
+    after_train(trainer) runs on each model rank once training returned (tests use it to inspect the replica).
+    """
     from sd3.dist import init_distributed, shutdown_distributed
 
     apply_runtime_settings(cfg.train)
@@ -77,13 +81,13 @@ def run(cfg: Config) -> int:
     try:
         directory, exact, keep_wandb = resume_plan(cfg)
         if topology.is_loader:
-            from sd3.dist import run_loader
+            from sd3.dist.loader import run_loader
 
             start = 0
             if directory is not None and exact:
                 start = sampler_start(torch.load(directory / "state.pt", map_location="cpu", weights_only=True), topology.loader_index)
             return run_loader(cfg, topology, start)
-        return train_model_rank(cfg, topology, directory, exact, keep_wandb)
+        return train_model_rank(cfg, topology, directory, exact, keep_wandb, after_train)
     except Exception as e:  # noqa: BLE001 - one line naming the rank, then a non-zero exit
         print(f"sd3 train: {who}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
@@ -91,13 +95,28 @@ def run(cfg: Config) -> int:
         shutdown_distributed()
 
 
-def train_model_rank(cfg: Config, topology, directory: Path | None, exact: bool, keep_wandb: bool) -> int:
+def train_model_rank(cfg: Config, topology, directory: Path | None, exact: bool, keep_wandb: bool,
+                     after_train: Callable[[Any], None] | None = None) -> int:
     from sd3.train import signals
+
+    previous = signals.install()
+    try:
+        trainer = build_trainer(cfg, topology, directory, exact, keep_wandb)
+        code = trainer.train()
+        if after_train is not None:
+            after_train(trainer)
+        return code
+    finally:
+        signals.restore(previous)
+        signals.clear()
+
+
+def build_trainer(cfg: Config, topology, directory: Path | None, exact: bool, keep_wandb: bool):
+    """The Trainer of a model rank: its data source from the topology, started from `directory` if given."""
     from sd3.train.checkpoint import load_checkpoint
     from sd3.train.sources import build_source
     from sd3.train.trainer import ModelRanks, Resume, Trainer
 
-    signals.install()
     resume = None
     start = 0
     if directory is not None:
@@ -115,5 +134,4 @@ def train_model_rank(cfg: Config, topology, directory: Path | None, exact: bool,
         world=topology.num_model_ranks,
     )
     source = build_source(cfg, topology, topology.device, start)
-    trainer = Trainer(cfg, ranks, source, resume)
-    return trainer.train()
+    return Trainer(cfg, ranks, source, resume)

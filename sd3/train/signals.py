@@ -26,10 +26,17 @@ def _handler(signum: int, frame: object) -> None:
     _requested.set()
 
 
-def install() -> None:
-    """Route SIGTERM and SIGUSR1 to the stop flag (main thread only, as Python requires)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _handler)
+def install() -> dict[int, object]:
+    """Route SIGTERM and SIGUSR1 to the stop flag (main thread only, as Python requires).
+
+    Returns the previous handlers, for `restore` when training ran inside a longer-lived process (tests, notebooks).
+    """
+    return {sig: signal.signal(sig, _handler) for sig in STOP_SIGNALS}
+
+
+def restore(previous: dict[int, object]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def requested() -> bool:

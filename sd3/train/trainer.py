@@ -298,7 +298,8 @@ class Trainer:
         for reason, count in self.total_skipped_rows().items():
             values[f"skipped_{reason}"] = count
         self.log.log(self.step, values)
-        self.window = Window()
+        # The loader's timings are cumulative: the next window starts from this window's last reading.
+        self.window = Window(loader_start=dict(self.window.loader_now))
 
     def total_skipped_rows(self) -> dict[str, int]:
         """Rows skipped as bad, per reason, summed over loaders (checkpointed base + this process's sources).

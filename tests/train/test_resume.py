@@ -1,0 +1,77 @@
+"""Exact resume: 20 steps in one go versus 10 steps, stop, resume, 10 more — bit for bit on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from fixtures.training import train_overrides
+
+from sd3.commands.train import run
+from sd3.config import load_config
+from sd3.train.checkpoint import load_checkpoint
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def assert_same_tree(a, b, where: str = "") -> None:
+    """Recursively torch.equal tensors and == everything else (optimizer / scheduler state)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"tensor differs at {where}"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"keys differ at {where}"
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"lengths differ at {where}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{a!r} != {b!r} at {where}"
+
+
+def test_resume_replays_the_uninterrupted_run(tiny_models, shapes_phase, tmp_path):
+    common = ("--topology.mode=colocated", "--train.deterministic=true", "--train.save_every=10",
+              "--train.ema_update_every=3", "--train.reset_optim=true", "--train.reset_wandb=true")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, straight, *common, "--train.total_steps=20"))) == 0
+    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, split, *common, "--train.total_steps=10"))) == 0
+    # resume=auto continues the run exactly even though reset_optim / reset_wandb are set (they apply to PATH).
+    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, split, *common, "--train.total_steps=20",
+                                                       "--train.resume=auto"))) == 0
+
+    a, b = losses(straight), losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert [a[s] for s in range(1, 21)] == [b[s] for s in range(1, 21)]
+
+    one = load_checkpoint(straight / "step-00000020", map_location="cpu")
+    two = load_checkpoint(split / "step-00000020", map_location="cpu")
+    assert_same_tree(one.model_state, two.model_state, "model")
+    assert_same_tree(one.ema_state, two.ema_state, "ema")
+    assert_same_tree(one.train_state["optimizer"], two.train_state["optimizer"], "optimizer")
+    assert_same_tree(one.train_state["scheduler"], two.train_state["scheduler"], "scheduler")
+    assert one.train_state["samplers"] == two.train_state["samplers"] == {"0": {"step": 20}}
+    assert one.meta["wandb_run_id"] != two.meta["wandb_run_id"]  # separate runs ...
+    first_half = load_checkpoint(split / "step-00000010", map_location="cpu")
+    assert first_half.meta["wandb_run_id"] == two.meta["wandb_run_id"]  # ... but the resumed one kept its id
+
+
+def test_reset_optim_keeps_weights_and_starts_a_new_stage(tiny_checkpoint, tiny_models, shapes_phase, tmp_path):
+    """resume=PATH with reset_optim: weights and EMA from the checkpoint, fresh optimizer, step 0, larger max_res."""
+    cfg = load_config("tiny-cpu", train_overrides(
+        tiny_models, shapes_phase, tmp_path, "--topology.mode=colocated", f"--train.resume={tiny_checkpoint}",
+        "--train.reset_optim=true", "--train.reset_wandb=true", "--train.total_steps=1", "--model.max_res=128",
+    ))
+    seen = {}
+    assert run(cfg, after_train=lambda t: seen.update(step=t.step, run_id=t.run_id)) == 0
+    assert seen["step"] == 1
+    new = load_checkpoint(tmp_path / "step-00000001", map_location="cpu")
+    old = load_checkpoint(tiny_checkpoint, map_location="cpu")
+    assert new.meta["wandb_run_id"] != old.meta["wandb_run_id"]
+    assert len(new.train_state["optimizer"]["state"]) > 0
+    steps = {v["step"] for v in new.train_state["optimizer"]["state"].values()}
+    assert {float(s) for s in steps} == {1.0}  # one AdamW step since the reset, not 4 + 1

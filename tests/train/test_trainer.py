@@ -1,0 +1,154 @@
+"""The model-rank loop in one process: a real colocated run, non-finite steps, a stop signal, the optimizer split."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from fixtures.training import train_overrides
+
+from sd3.config import load_config
+from sd3.train import signals
+from sd3.train.checkpoint import load_checkpoint, resolve_checkpoint
+from sd3.train.logging import resolve_wandb_mode
+from sd3.train.sources import ColocatedSource
+from sd3.train.step import build_optimizer, stream_seed
+from sd3.train.trainer import ModelRanks, NonFiniteError, Trainer
+
+
+def test_tiny_checkpoint_is_a_complete_run(tiny_checkpoint):
+    run_dir = tiny_checkpoint.parent
+    assert resolve_checkpoint(run_dir) == tiny_checkpoint
+    loaded = load_checkpoint(tiny_checkpoint, map_location="cpu")  # state.pt through torch.load(weights_only=True)
+    state = loaded.train_state
+    assert state["step"] == 4 and state["micro_step"] == 4
+    assert state["samplers"] == {"0": {"step": 4}}
+    assert set(state["optimizer"]["state"]) and "scheduler" in state and "rng" in state
+    assert any(not torch.equal(loaded.model_state[k], loaded.ema_state[k]) for k in loaded.model_state)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 and "stall_pct" in r for r in records)
+    assert records[0]["mfu_pct"] is None  # no known peak on a CPU
+    config_text = (tiny_checkpoint / "config.json").read_text()
+    assert "WANDB_API_KEY" not in config_text and "HF_TOKEN" not in config_text
+
+
+class Poisoned:
+    """A real colocated source whose latents become NaN at the given micro-steps (a corrupt batch)."""
+
+    def __init__(self, source: ColocatedSource, bad_steps: set[int]):
+        self.source, self.bad_steps = source, bad_steps
+        self.num_loaders = source.num_loaders
+
+    def next(self):
+        batch, stats = self.source.next()
+        if stats.step in self.bad_steps:
+            batch.latents = torch.full_like(batch.latents, float("nan"))
+        return batch, stats
+
+    def stop(self, step: int) -> None:
+        self.source.stop(step)
+
+    def fail(self, message: str) -> None:
+        self.source.fail(message)
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_nonfinite_steps_never_reach_weights_or_ema(tiny_models, shapes_phase, tmp_path):
+    cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, tmp_path, "--train.max_nonfinite=2",
+                                                  "--train.total_steps=10", "--train.precision=fp32"))
+    device = torch.device("cpu")
+    source = Poisoned(ColocatedSource(cfg, 0, 1, device, 0), bad_steps={1, 3, 4})
+    trainer = Trainer(cfg, ModelRanks(device), source)
+    try:
+        assert not trainer.train_step().skipped
+        before, ema_before = weights(trainer.model), trainer.ema.state_dict()
+        result = trainer.train_step()  # micro-step 1: NaN latents
+        assert result.skipped and not math.isfinite(result.loss)
+        assert all(torch.equal(before[k], v) for k, v in weights(trainer.model).items())
+        assert all(torch.equal(ema_before[k], v) for k, v in trainer.ema.state_dict().items())
+        assert trainer.counters.nonfinite_steps == 1 and trainer.step == 2
+        assert not trainer.train_step().skipped  # finite again: the weights move, the streak resets
+        assert any(not torch.equal(before[k], v) for k, v in weights(trainer.model).items())
+        assert trainer.counters.nonfinite_in_row == 0
+        assert trainer.train_step().skipped
+        with pytest.raises(NonFiniteError, match="2 optimizer steps in a row"):
+            trainer.train_step()
+    finally:
+        source.stop(trainer.micro_step)
+
+
+class SignalsAt:
+    """A real colocated source that sends this process SIGTERM while serving micro-step `at`."""
+
+    def __init__(self, source: ColocatedSource, at: int):
+        self.source, self.at = source, at
+        self.num_loaders = source.num_loaders
+
+    def next(self):
+        batch, stats = self.source.next()
+        if stats.step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch, stats
+
+    def stop(self, step: int) -> None:
+        self.source.stop(step)
+
+    def fail(self, message: str) -> None:
+        self.source.fail(message)
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_zero(tiny_models, shapes_phase, tmp_path):
+    cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, tmp_path, "--train.total_steps=50",
+                                                  "--train.save_every=100"))
+    device = torch.device("cpu")
+    previous = signals.install()
+    try:
+        trainer = Trainer(cfg, ModelRanks(device), SignalsAt(ColocatedSource(cfg, 0, 1, device, 0), at=2))
+        assert trainer.train() == signals.PREEMPTED_EXIT_CODE
+    finally:
+        signals.restore(previous)
+        signals.clear()
+    # The signal arrived during step 3 (micro-step 2); the run finished that step, saved it and stopped.
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step-00000003"
+    state = load_checkpoint(tmp_path / "step-00000003", map_location="cpu").train_state
+    assert state["step"] == 3 and state["samplers"]["0"]["step"] == 3
+
+
+def test_no_weight_decay_on_norms_biases_and_scalars(tiny_models):
+    from sd3.model import build_model
+
+    cfg = load_config("tiny-cpu", tiny_models.overrides)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == cfg.train.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_rng_streams_depend_on_every_key():
+    base = stream_seed(0, 5, 1, "train")
+    assert base == stream_seed(0, 5, 1, "train")
+    assert len({base, stream_seed(1, 5, 1, "train"), stream_seed(0, 6, 1, "train"), stream_seed(0, 5, 0, "train"),
+                stream_seed(0, 5, 1, "init")}) == 5
+
+
+def test_wandb_auto_is_offline_without_a_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("NETRC", raising=False)
+    assert resolve_wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode("auto") == "disabled"
+    assert resolve_wandb_mode("offline") == "offline"
