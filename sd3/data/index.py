@@ -1,8 +1,8 @@
 """`create-indices`: bucket -> global row ids across every shard of a folder, and the saved index.
 
 The source walked every row in Python over a `datasets` table and pickled a dict — "about a day" for its corpus.
-Here each shard's `bucket_size` column is read alone, already dictionary-encoded, so a shard costs one
-vectorised read; rows are then grouped by bucket with one integer sort. Shards are read by a thread pool:
+Here each shard's `bucket_size` column is read alone and dictionary-encoded in one vectorised call, so a shard
+costs one read; rows are then grouped by bucket with one integer sort. Shards are read by a thread pool:
 pyarrow releases the GIL while it reads and decodes, and threads cost nothing to start.
 
 The index is an `.npz` (loaded with allow_pickle=False) holding the bucket names, the row ids grouped by bucket
@@ -51,25 +51,26 @@ def folder_manifest(folder: str | Path) -> dict:
 
 
 def _read_shard_buckets(path: Path) -> tuple[list[str], np.ndarray]:
-    """One shard's bucket names and, per row, the position of its bucket in that list (-1 = no valid bucket)."""
+    """One shard's bucket names and, per row, the position of its bucket in that list (-1 = null)."""
     try:
         # ParquetFile.read, not pq.read_table: the dataset layer behind read_table costs ~3x more per row group.
-        pf = pq.ParquetFile(path, read_dictionary=["bucket_size"], memory_map=True)
+        # Plain strings then one dictionary_encode over the whole column: per-row-group dictionaries would
+        # have to be unified chunk by chunk, which costs twice the read.
+        pf = pq.ParquetFile(path, memory_map=True)
+        if "bucket_size" not in pf.schema_arrow.names:
+            raise ShardError(f"{path}: no column 'bucket_size'; is this a phase folder made by `sd3 create-phase`?")
         table = pf.read(columns=["bucket_size"], use_threads=False)
-    except KeyError:
-        raise ShardError(f"{path}: no column 'bucket_size'; is this a phase folder made by `sd3 create-phase`?") from None
     except (OSError, pa.ArrowInvalid) as e:
         raise ShardError(f"{path}: cannot read column 'bucket_size' ({e})") from None
-    column = table.column("bucket_size")
-    if not pa.types.is_dictionary(column.type):  # e.g. a binary column: encode it here instead
-        column = pc.dictionary_encode(column.cast(pa.string()))
-    column = column.unify_dictionaries() if column.num_chunks > 1 else column
-    if column.num_chunks == 0:
-        return [], np.zeros(0, dtype=np.int32)
-    chunks = column.chunks
-    names = chunks[0].dictionary.to_pylist()
-    codes = np.concatenate([c.indices.fill_null(-1).to_numpy(zero_copy_only=False) for c in chunks]).astype(np.int32)
-    return names, codes
+    column = table.column("bucket_size").combine_chunks()
+    if not pa.types.is_string(column.type):
+        try:
+            column = column.cast(pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise ShardError(f"{path}: column 'bucket_size' is {column.type}, not text ({e})") from None
+    encoded = pc.dictionary_encode(column)
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    return encoded.dictionary.to_pylist(), codes
 
 
 @dataclass
