@@ -18,13 +18,13 @@ MARKER="# written by sd3 slurm/local_cluster.sh"
 
 die() { echo "local_cluster: $*" >&2; exit 1; }
 
-ensure_installed() {
+ensure_can_run() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "local_cluster: cannot start SLURM: its daemons run as root here (SlurmUser=root) and this is uid $(id -u)" >&2
+        exit $CANNOT_START
+    fi
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null; then
         return
-    fi
-    if [ "$(id -u)" != 0 ]; then
-        echo "local_cluster: cannot start SLURM: slurmctld/slurmd/sbatch are not installed and installing them needs root" >&2
-        exit $CANNOT_START
     fi
     echo "local_cluster: installing slurmctld slurmd slurm-client (Debian packages)" >&2
     if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
@@ -94,7 +94,7 @@ up() {
     fi
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
-    ensure_installed
+    ensure_can_run
     write_conf "$dir"
     export SLURM_CONF="$dir/slurm.conf"
     slurmctld -c || { show_logs "$dir"; die "slurmctld did not start (logs above)"; }
@@ -132,7 +132,7 @@ down() {
     grep -qxF "$MARKER" "$dir/slurm.conf" 2>/dev/null || die "$dir/slurm.conf was not written by this script; not touching it"
     export SLURM_CONF="$dir/slurm.conf"
     # Jobs would outlive the daemons (slurmstepd keeps running): cancel them first and give them a moment.
-    scancel --full --quiet --partition=debug 2>/dev/null || true
+    scancel --quiet --partition=debug 2>/dev/null || true
     local waited=0
     while [ -n "$(squeue -h -o %i 2>/dev/null)" ] && [ "$waited" -lt 30 ]; do
         sleep 1
