@@ -84,7 +84,12 @@ def write_table(path: str | Path, table: pa.Table, row_group_rows: int | None = 
     compression = {c: ("zstd" if c in COMPRESSED_COLUMNS else "none") for c in columns}
     dictionary = [c for c in columns if c != "image"]
     try:
-        pq.write_table(table, tmp, row_group_size=row_group_rows, compression=compression, use_dictionary=dictionary)
+        # Min/max statistics of image bytes and captions are never used and would fill every row group's footer entry.
+        statistics = [c for c in columns if c != "image" and c not in COMPRESSED_COLUMNS]
+        pq.write_table(
+            table, tmp, row_group_size=row_group_rows, compression=compression, use_dictionary=dictionary,
+            write_statistics=statistics,
+        )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
