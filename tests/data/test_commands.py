@@ -28,3 +28,13 @@ def test_cli_errors_are_one_line(tmp_path):
         main(["create-indices", "--data-parquet-folder", str(tmp_path), "--bucket-indices-path", str(tmp_path / "i.npz")])
     with pytest.raises(SystemExit, match="multiple of patch_size"):
         main(["create-phase", "--input-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--max-res", "100"])
+
+
+def test_bench_index_runs_and_both_approaches_agree(tmp_path, capsys):
+    import json
+
+    argv = ["bench", "index", "--rows", "3000", "--shards", "3", "--naive-rows", "1000", "--repeats", "1", "--dir", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["agree"] is True and result["rows"] == 3000 and result["naive_rows_timed"] == 1000
+    assert result["naive_extrapolated"] is True and result["buckets"] > 10
