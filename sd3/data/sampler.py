@@ -197,19 +197,21 @@ class BucketBatchSampler:
             "num_buckets": len(self.index.buckets),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved state; refuses a state saved with different settings or data."""
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Continue from a saved state. A state saved with other settings or data is refused (strict), or only
+        its step is taken with a warning (strict=False: e.g. data was added on purpose)."""
         mine = self.state_dict()
         for key, value in mine.items():
             if key == "step":
                 continue
-            if key not in state:
-                raise ValueError(f"sampler state has no {key!r}")
-            if int(state[key]) != value:
-                raise ValueError(
-                    f"sampler state was saved with {key}={state[key]}, this run has {key}={value}: "
+            if key not in state or int(state[key]) != value:
+                message = (
+                    f"sampler state was saved with {key}={state.get(key, 'nothing')}, this run has {key}={value}: "
                     "the data stream cannot continue identically"
                 )
+                if strict:
+                    raise ValueError(message)
+                log.warning("%s; continuing from step %s anyway", message, state.get("step"))
         step = int(state["step"])
         if step < 0:
             raise ValueError(f"sampler state has step {step} < 0")

@@ -54,6 +54,11 @@ def test_load_state_dict_refuses_other_settings():
         BucketBatchSampler(INDEX, 16, seed=6).load_state_dict(state)
     with pytest.raises(ValueError, match="num_loaders"):
         BucketBatchSampler(INDEX, 16, seed=5, loader_index=0, num_loaders=2).load_state_dict(state)
+    grown = BucketBatchSampler(make_index({"64x64": 400, "32x64": 170}), 16, seed=5)
+    with pytest.raises(ValueError, match="num_rows"):
+        grown.load_state_dict({**state, "step": 9})
+    grown.load_state_dict({**state, "step": 9}, strict=False)  # data added on purpose: keep the step
+    assert grown.step == 9
 
 
 def test_epoch_covers_each_row_of_the_share_once_and_never_mixes_buckets():
