@@ -128,7 +128,8 @@ class BucketBatchSampler:
         self.rows_per_epoch = int(self.share_sizes.sum())
         # "Largest" for memory: the most pixels per image (then the most rows), so the first step allocates
         # the biggest activations and later steps reuse them.
-        pixels = np.array([h * w for h, w in (index.sizes[int(b)] for b in self.kept)])
+        sizes = index.sizes
+        pixels = np.array([sizes[int(b)][0] * sizes[int(b)][1] for b in self.kept])
         self.largest = int(np.lexsort((-self.share_sizes, -pixels))[0])  # position among kept buckets
         self._plans: dict[int, _EpochPlan] = {}
 
