@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from sd3.config import DataConfig
 from sd3.data.captions import caption_text, choose_long, clean_caption
 from sd3.data.images import BadImage, decode_image, to_array
 from sd3.data.sampler import PURPOSE_CAPTIONS, SamplerBatch
-from sd3.data.shards import ShardReader
+from sd3.data.shards import ShardReader, image_values, text_values
 
 SKIP_REASONS = (
     "empty_image",  # None or zero bytes
@@ -89,15 +88,6 @@ def _decode(data: bytes | None, height: int, width: int) -> _Decoded:
     return _Decoded(pixels=to_array(img))
 
 
-def _caption_values(column: pa.ChunkedArray) -> list[object]:
-    """Python values of a caption column; text is read as bytes so invalid UTF-8 is caught per row."""
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        column = column.cast(pa.large_binary())
-    elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-        return [None] * len(column)  # not text at all: every row's caption is unusable
-    return column.to_pylist()
-
-
 class RowLoader:
     """Turns SamplerBatches into RawBatches for one shard folder.
 
@@ -124,6 +114,7 @@ class RowLoader:
         self.close()
 
     def load(self, batch: SamplerBatch) -> RawBatch:
+        """Read, decode and caption the rows of one sampler step. Never raises for a bad row."""
         rng = batch.numpy_rng(PURPOSE_CAPTIONS)
         use_long = choose_long(rng, self.cfg.long_caption_prob)
         caption_column = "recaption" if use_long else "recaption_short"
@@ -131,13 +122,13 @@ class RowLoader:
         skipped = empty_counts()
 
         captions: list[str | None] = []
-        for value in _caption_values(table.column(caption_column)):
+        for value in text_values(table.column(caption_column)):
             text = caption_text(value)
             if text is not None:
                 text = clean_caption(text, rng, self.cfg.drop_article_prob, self.cfg.strip_punctuation_prob)
             captions.append(text)
 
-        images = table.column("image").to_pylist()
+        images = image_values(table.column("image"))
         todo = [i for i, c in enumerate(captions) if c is not None]
         skipped["bad_caption"] = len(captions) - len(todo)
         work = [images[i] for i in todo]

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from sd3.data.buckets import BUCKET_MODES, bucket_name, fit, target_size
 from sd3.data.captions import caption_text
 from sd3.data.images import BadImage, decode_image, encode_image
-from sd3.data.shards import PHASE_ROW_GROUP_BYTES, PHASE_SCHEMA, RAW_COLUMNS, list_shards, row_group_rows_for, shard_row_count, write_table
+from sd3.data.shards import PHASE_ROW_GROUP_BYTES, PHASE_SCHEMA, RAW_COLUMNS, image_values, list_shards, row_group_rows_for, shard_row_count, text_values, write_table
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,9 @@ def convert_shard(src: Path, dst: Path, opt: PhaseOptions) -> tuple[int, Counter
         raise ValueError(f"{src}: no column {missing[0]!r}; a raw shard needs {', '.join(RAW_COLUMNS)}")
     rows, dropped, buckets = [], Counter(), Counter()
     for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=list(RAW_COLUMNS)):
-        images = batch.column("image")
-        if pa.types.is_string(images.type) or pa.types.is_large_string(images.type):
-            images = images.cast(pa.large_binary())
-        for image, long, short in zip(images.to_pylist(), batch.column("recaption").to_pylist(), batch.column("recaption_short").to_pylist()):
+        images = image_values(batch.column("image"))
+        longs, shorts = text_values(batch.column("recaption")), text_values(batch.column("recaption_short"))
+        for image, long, short in zip(images, longs, shorts):
             try:
                 row = convert_row(image, long, short, opt)
             except BadImage as e:

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 RAW_COLUMNS = ("image", "recaption", "recaption_short")
@@ -191,3 +192,32 @@ class ShardReader:
         back = np.empty(len(row_ids), dtype=np.int64)
         back[np.concatenate(order)] = np.arange(len(row_ids))
         return table.take(pa.array(back))
+
+
+def image_values(column: pa.ChunkedArray | pa.Array) -> list[bytes | None]:
+    """Encoded image bytes of an `image` column, as Python values.
+
+    Accepts plain binary columns and the struct<bytes, path> that Hugging Face `datasets` writes for its Image
+    feature (the source's datasets on the hub are stored that way); anything else gives None per row, which
+    the decode guard counts as an empty image.
+    """
+    if pa.types.is_struct(column.type):
+        if column.type.get_field_index("bytes") < 0:
+            return [None] * len(column)
+        column = pc.struct_field(column, "bytes")
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column = column.cast(pa.large_binary())
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        return [None] * len(column)
+    return column.to_pylist()
+
+
+def text_values(column: pa.ChunkedArray | pa.Array) -> list[object]:
+    """Python values of a caption column. Text is returned as bytes so that invalid UTF-8 fails per row (in
+    captions.caption_text), not for the whole column; a column that is not text gives None per row."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column = column.cast(pa.large_binary())
+    elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        return [None] * len(column)
+    return column.to_pylist()
+

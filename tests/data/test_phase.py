@@ -128,3 +128,18 @@ def test_row_groups_hold_about_the_target_bytes(tmp_path):
     create_phase(tmp_path / "raw", tmp_path / "phase", PhaseOptions(max_res=64, row_group_bytes=6 * size), progress=False)
     meta = pq.ParquetFile(tmp_path / "phase" / "a.parquet").metadata
     assert meta.num_rows == 24 and 4 <= meta.num_row_groups <= 6
+
+
+def test_hugging_face_image_structs_are_read(tmp_path):
+    """The source's datasets on the hub store `image` as struct<bytes, path> (datasets' Image feature)."""
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [
+        {"image": {"bytes": helpers.solid_png(100, 200), "path": "a.png"}, "recaption": "A wide one.", "recaption_short": "wide"},
+        {"image": {"bytes": None, "path": "gone.png"}, "recaption": "Missing.", "recaption_short": "missing"},
+    ]
+    schema = pa.schema([("image", image_type), ("recaption", pa.string()), ("recaption_short", pa.string())])
+    write_table(tmp_path / "raw" / "hf.parquet", pa.Table.from_pylist(rows, schema=schema))
+    summary = create_phase(tmp_path / "raw", tmp_path / "phase", PhaseOptions(max_res=64), progress=False)
+    assert summary.kept == 1 and dict(summary.dropped) == {"empty_image": 1}
+    assert pq.read_table(tmp_path / "phase" / "hf.parquet")["bucket_size"].to_pylist() == ["32x64"]
+
