@@ -137,9 +137,13 @@ class Trainer:
         if resume is not None:
             self.restore(resume)
 
+        # DDP and compile are applied from outside; self.model stays the plain MMDiT (checkpoints, EMA, clipping).
         self.ddp: nn.Module = self.model
-        if ranks.group is not None and ranks.world > 1:
+        self.is_ddp = ranks.group is not None and ranks.world > 1
+        if self.is_ddp:
             self.ddp = DistributedDataParallel(self.model, process_group=ranks.group, broadcast_buffers=False)
+        if tc.compile:
+            self.ddp = torch.compile(self.ddp)
 
         self.save_dir = Path(tc.save_dir)
         self.peak = peak_flops(self.device)
@@ -189,7 +193,7 @@ class Trainer:
 
             # DDP all-reduces gradients inside backward; before the last micro-batch only accumulate locally.
             last = micro == tc.accumulation_steps - 1
-            sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
+            sync = self.ddp.no_sync() if self.is_ddp and not last else contextlib.nullcontext()
             with sync:
                 with self.precision.autocast():
                     pred = self.ddp(x_t, t, context, pooled)  # (B, C, h, w)

@@ -75,3 +75,24 @@ def test_reset_optim_keeps_weights_and_starts_a_new_stage(tiny_checkpoint, tiny_
     assert len(new.train_state["optimizer"]["state"]) > 0
     steps = {v["step"] for v in new.train_state["optimizer"]["state"].values()}
     assert {float(s) for s in steps} == {1.0}  # one AdamW step since the reset, not 4 + 1
+
+
+def test_kill_during_checkpoint_write_falls_back_to_the_previous_one(tiny_models, shapes_phase, tmp_path):
+    import subprocess
+    import sys
+
+    worker = Path(__file__).parent / "workers" / "crash_in_save.py"
+    args = train_overrides(tiny_models, shapes_phase, tmp_path, "--topology.mode=colocated", "--train.total_steps=4",
+                           "--train.save_every=2")
+    proc = subprocess.run([sys.executable, str(worker), "tiny-cpu", *args], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # killed while writing the step-4 checkpoint
+    assert not (tmp_path / "step-00000004").exists()
+
+    from sd3.train.checkpoint import resolve_checkpoint
+
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step-00000002"
+    assert load_checkpoint(tmp_path / "step-00000002", map_location="cpu").train_state["step"] == 2
+    # And the run continues from it.
+    steps = {}
+    assert run(load_config("tiny-cpu", [*args, "--train.resume=auto"]), after_train=lambda t: steps.update(step=t.step)) == 0
+    assert steps["step"] == 4 and resolve_checkpoint(tmp_path) == tmp_path / "step-00000004"

@@ -1,0 +1,34 @@
+"""Worker of the crash test: a colocated training run that SIGKILLs itself in the middle of writing its
+second checkpoint (after some bytes of state.pt are on disk), as a pre-emption without warning would.
+
+Usage: python tests/train/workers/crash_in_save.py PRESET --section.key=value ...
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+
+from sd3.commands.train import run
+from sd3.config import load_config
+
+real_save = torch.save
+calls = {"n": 0}
+
+
+def save_then_die(obj, f, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] < 2:
+        return real_save(obj, f, *args, **kwargs)
+    with open(f, "wb") as partial:  # half a file, then the process is gone
+        partial.write(b"PK\x03\x04 partial")
+        partial.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    torch.save = save_then_die
+    sys.exit(run(load_config(sys.argv[1], sys.argv[2:])))
