@@ -150,8 +150,12 @@ class RowLoader:
             self.counters[reason] += n
 
         if pixels:
-            channels_first = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W) uint8
-            images_t = channels_first.float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1]
+            # numpy, not torch: this runs beside the encoders, and torch's intra-op threads would contend with them.
+            channels_first = np.ascontiguousarray(np.stack(pixels).transpose(0, 3, 1, 2))  # (B, 3, H, W) uint8
+            scaled = channels_first.astype(np.float32)
+            scaled /= 127.5  # exact at 0 and 255: the range is exactly [-1, 1]
+            scaled -= 1.0
+            images_t = torch.from_numpy(scaled)  # (B, 3, H, W) in [-1, 1]
         else:
             images_t = torch.empty((0, 3, h, w), dtype=torch.float32)
         return RawBatch(
