@@ -63,6 +63,7 @@ def test_each_bad_kind_is_skipped_and_counted(bad_folder, threads):
     assert raw.row_ids.tolist() == [list(CASES).index(n) for n in kept]
     assert raw.images.shape == (len(kept), 3, 64, 64) and raw.images.dtype == torch.float32
     assert raw.images.min() >= -1 and raw.images.max() <= 1
+    assert torch.allclose(raw.images[kept.index("good"), :, 5, 5], torch.tensor([200.0, 30.0, 30.0]) / 127.5 - 1)
     assert len(raw.captions) == len(kept)
     white = raw.images[kept.index("palette_transparency"), :, :, 40]  # the transparent half
     assert torch.allclose(white, torch.ones_like(white))
