@@ -21,7 +21,18 @@ from tqdm import tqdm
 from sd3.data.buckets import BUCKET_MODES, bucket_name, fit, target_size
 from sd3.data.captions import caption_text
 from sd3.data.images import BadImage, decode_image, encode_image
-from sd3.data.shards import PHASE_ROW_GROUP_BYTES, PHASE_SCHEMA, RAW_COLUMNS, image_values, list_shards, row_group_rows_for, shard_row_count, text_values, write_table
+from sd3.data.shards import (
+    PHASE_ROW_GROUP_BYTES,
+    PHASE_SCHEMA,
+    RAW_COLUMNS,
+    ShardError,
+    image_values,
+    list_shards,
+    row_group_rows_for,
+    shard_row_count,
+    text_values,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +156,27 @@ def create_phase(input_dir: str | Path, output_dir: str | Path, opt: PhaseOption
         bar.update(1)
         bar.set_postfix(kept=summary.kept, dropped=sum(summary.dropped.values()))
 
+    # A shard that cannot be read at all (not parquet, no image column) stops the run, naming the shard; the
+    # shards finished before it are kept, so a re-run after fixing it resumes.
     try:
         if workers <= 1 or len(todo) <= 1:
             for src, dst in todo:
-                record(convert_shard(src, dst, opt))
+                try:
+                    result = convert_shard(src, dst, opt)
+                except (OSError, ValueError) as e:
+                    raise ShardError(f"create-phase failed on {src}: {e}") from e
+                record(result)
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 futures = {pool.submit(convert_shard, src, dst, opt): src for src, dst in todo}
                 for future in as_completed(futures):
                     try:
-                        record(future.result())
-                    except Exception as e:
-                        raise RuntimeError(f"create-phase failed on {futures[future]}: {e}") from e
+                        result = future.result()
+                    except (OSError, ValueError) as e:
+                        for other in futures:
+                            other.cancel()
+                        raise ShardError(f"create-phase failed on {futures[future]}: {e}") from e
+                    record(result)
     finally:
         bar.close()
     return summary

@@ -143,3 +143,15 @@ def test_hugging_face_image_structs_are_read(tmp_path):
     assert summary.kept == 1 and dict(summary.dropped) == {"empty_image": 1}
     assert pq.read_table(tmp_path / "phase" / "hf.parquet")["bucket_size"].to_pylist() == ["32x64"]
 
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unreadable_shard_is_named_and_finished_shards_kept(tmp_path, workers):
+    from sd3.data.shards import ShardError
+
+    _raw_shard(tmp_path / "raw" / "a.parquet", SIZES[:2])
+    (tmp_path / "raw" / "b.parquet").write_bytes(b"not parquet at all")
+    write_table(tmp_path / "raw" / "c.parquet", pa.table({"image": [helpers.solid_png()], "caption": ["no recaption column"]}))
+    with pytest.raises(ShardError, match=r"create-phase failed on .*(b|c)\.parquet"):
+        create_phase(tmp_path / "raw", tmp_path / "phase", PhaseOptions(max_res=64), workers=workers, progress=False)
+    assert (tmp_path / "phase" / "a.parquet").exists() or workers == 2
