@@ -1,5 +1,6 @@
-"""slurm/runjob_SLURM.sh on a real one-node SLURM: sbatch -> srun -> torchrun -> `sd3 train` (1 loader + 2 model
-ranks on CPU), then pre-emption: SIGUSR1 to the batch shell -> agreed-step checkpoint -> requeue -> resume -> done."""
+"""The slurm/ scripts on a real one-node SLURM: create_indices.sh builds the index the runs train on;
+runjob_SLURM.sh goes sbatch -> srun -> torchrun -> `sd3 train` (1 loader + 2 model ranks on CPU) and checkpoints;
+then pre-emption: SIGUSR1 to the batch shell -> agreed-step checkpoint -> requeue -> resume -> done."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def cluster_index(cluster: Cluster, shapes_phase, tmp_path_factory: pytest.TempP
     """The shapes phase folder's bucket index, built by slurm/create_indices.sh as a SLURM job."""
     work = tmp_path_factory.mktemp("index-job")
     index_path = work / "bucket_indices.npz"
-    job_id = cluster.submit(CREATE_INDICES, [f"--cpus-per-task={os.cpu_count()}", f"--chdir={work}"],
+    job_id = cluster.submit(CREATE_INDICES, [f"--cpus-per-task={len(os.sched_getaffinity(0))}", f"--chdir={work}"],
                             [str(shapes_phase.folder), str(index_path)], {"SD3_PYTHON": sys.executable},
                             work / "index-%j.out")
     job = cluster.wait_for(job_id, "the end of the job", lambda j: j.get("JobState") in FINISHED, timeout=90)
