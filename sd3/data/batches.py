@@ -11,19 +11,21 @@ resizing would silently distort its aspect ratio.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from sd3.config import DataConfig
 from sd3.data.captions import caption_text, choose_long, clean_caption
 from sd3.data.images import BadImage, decode_image, to_array
 from sd3.data.sampler import PURPOSE_CAPTIONS, SamplerBatch
-from sd3.data.shards import ShardReader, image_values, text_values
+from sd3.data.shards import ShardReadError, ShardReader, image_values, text_values
 
 SKIP_REASONS = (
     "empty_image",  # None or zero bytes
@@ -33,8 +35,11 @@ SKIP_REASONS = (
     "too_small",  # a side below MIN_SIDE
     "size_mismatch",  # decoded size differs from the row's bucket
     "bad_caption",  # the chosen caption is None, empty, not text or not UTF-8
+    "read_error",  # the row's shard or row group is damaged and cannot be read
 )
 MIN_SIDE = 8  # pixels; no bucket is smaller than one patch
+
+log = logging.getLogger(__name__)
 
 
 def empty_counts() -> dict[str, int]:
@@ -113,13 +118,35 @@ class RowLoader:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _read(self, row_ids: np.ndarray, columns: list[str]) -> tuple[pa.Table, np.ndarray]:
+        """The rows that can be read, and a mask over row_ids of which they are. A damaged shard costs its rows
+        (found one by one, only when a batch hits it); a missing column or a changed folder still raises."""
+        try:
+            return self.reader.read(row_ids, columns), np.ones(len(row_ids), dtype=bool)
+        except ShardReadError as e:
+            log.warning("loader: %s; skipping the rows that cannot be read", e)
+        readable = np.zeros(len(row_ids), dtype=bool)
+        pieces = []
+        for i, row in enumerate(row_ids):
+            try:
+                pieces.append(self.reader.read([row], columns))
+                readable[i] = True
+            except ShardReadError:
+                pass
+        if not pieces:
+            return pa.table({c: pa.array([], pa.binary()) for c in columns}), readable
+        return pa.concat_tables(pieces, promote_options="permissive"), readable
+
     def load(self, batch: SamplerBatch) -> RawBatch:
         """Read, decode and caption the rows of one sampler step. Never raises for a bad row."""
         rng = batch.numpy_rng(PURPOSE_CAPTIONS)
         use_long = choose_long(rng, self.cfg.long_caption_prob)
         caption_column = "recaption" if use_long else "recaption_short"
-        table = self.reader.read(batch.row_ids, ["image", caption_column])
+        row_ids = np.asarray(batch.row_ids, dtype=np.int64)
+        table, readable = self._read(row_ids, ["image", caption_column])
+        row_ids = row_ids[readable]
         skipped = empty_counts()
+        skipped["read_error"] = int((~readable).sum())
 
         captions: list[str | None] = []
         for value in text_values(table.column(caption_column)):
@@ -161,7 +188,7 @@ class RowLoader:
         return RawBatch(
             images=images_t,
             captions=[captions[i] for i in keep],
-            row_ids=np.asarray(batch.row_ids, dtype=np.int64)[keep],
+            row_ids=row_ids[keep],
             skipped=skipped,
             step=batch.step,
             seed_for_step=batch.seed_for_step,

@@ -50,6 +50,10 @@ class ShardError(ValueError):
     """A shard folder or file that cannot be used; the message names the file."""
 
 
+class ShardReadError(ShardError):
+    """A shard whose bytes cannot be read (damaged or truncated file), as opposed to one of the wrong shape."""
+
+
 def list_shards(folder: str | Path) -> list[Path]:
     """The shard files of a folder in row-id order. Hidden files (temporary outputs being written) are ignored."""
     folder = Path(folder)
@@ -153,8 +157,8 @@ class ShardReader:
         path = self.paths[shard]
         try:
             pf = pq.ParquetFile(path, memory_map=True)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise ShardError(f"{path}: not a readable parquet file ({e})") from None
+        except (OSError, pa.ArrowException) as e:
+            raise ShardReadError(f"{path}: not a readable parquet file ({e})") from None
         meta = pf.metadata
         if meta.num_rows != self.row_counts[shard]:
             raise ShardError(f"{path}: has {meta.num_rows} rows, expected {self.row_counts[shard]}; the folder changed")
@@ -167,7 +171,8 @@ class ShardReader:
     def read(self, row_ids: Sequence[int] | np.ndarray, columns: Sequence[str]) -> pa.Table:
         """The rows `row_ids` (in that order, repeats allowed) with only `columns`.
 
-        Each needed row group is read once, however many of the asked rows it holds.
+        Each needed row group is read once, however many of the asked rows it holds. Raises ShardReadError for
+        damaged bytes, ShardError for a missing column or a shard whose row count changed.
         """
         row_ids = np.asarray(row_ids, dtype=np.int64)
         columns = list(columns)
@@ -183,7 +188,10 @@ class ShardReader:
             group = np.searchsorted(starts, local[where], side="right") - 1
             for g in np.unique(group):
                 in_group = where[group == g]
-                table = pf.read_row_group(int(g), columns=columns)
+                try:
+                    table = pf.read_row_group(int(g), columns=columns)
+                except (OSError, pa.ArrowException) as e:
+                    raise ShardReadError(f"{self.paths[s]}: row group {g} cannot be read ({e})") from None
                 pieces.append(table.take(pa.array(local[in_group] - starts[g])))
                 order.append(in_group)
         if not pieces:

@@ -111,3 +111,33 @@ def test_shapes_batches_replay_and_mix_long_and_short(shapes_phase):
             assert not c.lower().startswith("the image shows")
     long_batch = next(b for b in batches if b.long_captions)
     assert any(not c.endswith(".") for c in long_batch.captions) and any(c.endswith(".") for c in long_batch.captions)
+
+
+def test_damaged_shards_cost_only_their_rows(tmp_path):
+    import pyarrow.parquet as pq
+
+    rows = [helpers.phase_row(helpers.solid_png(), caption=f"row {i}") for i in range(12)]
+    helpers.write_phase_shard(tmp_path / "a.parquet", rows, row_group_rows=4)  # rows 0-11, groups of 4
+    helpers.write_phase_shard(tmp_path / "b.parquet", rows[:4])  # rows 12-15
+    loader = RowLoader(tmp_path, DataConfig(decode_threads=1, long_caption_prob=1.0))
+    # Damage the page header of row group 1 of a.parquet (rows 4-7), keeping the footer intact.
+    meta = pq.ParquetFile(tmp_path / "a.parquet").metadata
+    offset = meta.row_group(1).column(0).data_page_offset
+    data = bytearray((tmp_path / "a.parquet").read_bytes())
+    data[offset : offset + 32] = b"\xff" * 32
+    (tmp_path / "a.parquet").write_bytes(bytes(data))
+    # Truncate b.parquet: its footer is gone.
+    (tmp_path / "b.parquet").write_bytes((tmp_path / "b.parquet").read_bytes()[:100])
+    raw = loader.load(_batch([0, 5, 9, 13, 3, 6]))
+    assert raw.row_ids.tolist() == [0, 9, 3]
+    assert raw.skipped["read_error"] == 3 and sum(raw.skipped.values()) == 3
+    assert [c.rstrip(".").lower() for c in raw.captions] == ["row 0", "row 9", "row 3"]
+
+
+def test_missing_column_is_an_error_not_a_skip(tmp_path):
+    from sd3.data.shards import ShardError
+
+    schema = pa.schema([f for f in helpers.PHASE_SCHEMA if f.name != "recaption_short"])
+    helpers.write_phase_shard(tmp_path / "a.parquet", [helpers.phase_row(helpers.solid_png())], schema=schema)
+    with pytest.raises(ShardError, match="no column 'recaption_short'"):
+        RowLoader(tmp_path, DataConfig(decode_threads=1, long_caption_prob=0.0)).load(_batch([0]))
