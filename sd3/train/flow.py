@@ -1,0 +1,105 @@
+"""Rectified-flow training math: noising, timestep sampling, velocity target, loss, CFG dropout.
+
+Conventions (ARCHITECTURE §3; Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution
+Image Synthesis" (SD3), §2-3; the source README "Model Details"):
+
+    x_t = (1 - t) * x0 + t * eps        t in [0, 1], t = 1 is pure noise
+    v   = d x_t / dt = eps - x0         the regression target of the model
+    t   = sigmoid(n), n ~ N(m, s^2)     logit-normal sampling, SD3 §3.1 (m=0, s=1 was best, "lognorm(0.00, 1.00)")
+
+Every random draw takes an explicit torch.Generator so a resumed run replays the same noise and masks.
+The functions are pure and work with any velocity model, so they are tested with a stand-in model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) so a per-sample scalar broadcasts over the rest of `like`."""
+    return t.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def sample_timesteps(
+    n: int,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    mean: float = 0.0,
+    std: float = 1.0,
+) -> torch.Tensor:
+    """Logit-normal timesteps t = sigmoid(N(mean, std^2)), shape (n,), float32 on `device`.
+
+    SD3 paper §3.1, eq. 19: the logit-normal density puts more weight on the middle of the path, where the
+    velocity is hardest to predict. Drawn on the generator's device, then moved, so CPU generators work for
+    CUDA tensors and the draw does not depend on where the model lives.
+    """
+    n_ = torch.randn(n, generator=generator, device=generator.device, dtype=torch.float32)  # (n,)
+    return torch.sigmoid(mean + std * n_).to(device)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t)·x0 + t·noise, with t (B,) broadcast over x0 (B, ...)."""
+    t_ = _per_sample(t, x0)  # (B, 1, 1, 1)
+    return (1.0 - t_) * x0 + t_ * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """v = noise - x0: the constant velocity of the straight path from x0 (t=0) to noise (t=1)."""
+    return noise - x0
+
+
+def flow_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in fp32 (the model may run under bf16 autocast).
+
+    An empty batch gives a zero loss that is still connected to `pred`: a model rank that received 0 rows must
+    still call backward so DDP's all-reduce sees a gradient from every rank (mean over 0 elements would be NaN).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"flow_loss: prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    if pred.numel() == 0:
+        return pred.float().sum() * 0.0
+    return F.mse_loss(pred.float(), target.float())
+
+
+def cfg_dropout(
+    context: torch.Tensor,
+    pooled: torch.Tensor,
+    text_tokens: int,
+    p_pooled: float,
+    p_gemma: float,
+    p_bert: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero whole conditioning parts per sample so the model also learns the unconditional velocity.
+
+    context (B, 2*T, D): tokens [0, T) are the Gemma part, [T, 2T) the ModernBERT part; pooled (B, P).
+    Each sample independently loses its pooled vector with p_pooled, its Gemma part with p_gemma and its BERT
+    part with p_bert (source README: 0.1 / 0.316 / 0.316, so both text parts vanish together ~10% of the time).
+    The null condition is all zeros, which is what a sampler passes as the unconditional input.
+    Exactly 3·B uniforms are drawn whatever the probabilities, so the generator stream replays on resume.
+    Returns new tensors; the inputs are not modified.
+    """
+    for name, p in (("p_pooled", p_pooled), ("p_gemma", p_gemma), ("p_bert", p_bert)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"cfg_dropout: {name}={p} is not a probability in [0, 1]")
+    b = context.shape[0]
+    if context.dim() != 3 or context.shape[1] != 2 * text_tokens:
+        raise ValueError(
+            f"cfg_dropout: context shape {tuple(context.shape)} is not (B, 2*text_tokens={2 * text_tokens}, D)"
+        )
+    if pooled.shape[0] != b:
+        raise ValueError(f"cfg_dropout: pooled batch {pooled.shape[0]} != context batch {b}")
+
+    u = torch.rand(b, 3, generator=generator, device=generator.device).to(context.device)  # (B, 3)
+    drop = u < torch.tensor([p_pooled, p_gemma, p_bert], device=context.device)  # (B, 3) bool
+
+    token_part = torch.arange(2 * text_tokens, device=context.device) >= text_tokens  # (2T,) False=Gemma, True=BERT
+    drop_tokens = torch.where(token_part[None, :], drop[:, 2:3], drop[:, 1:2])  # (B, 2T)
+    # where() rather than a multiply: a dropped part is exactly zero even if it held inf/NaN.
+    context = torch.where(drop_tokens[:, :, None], torch.zeros((), dtype=context.dtype, device=context.device), context)
+    pooled = torch.where(
+        drop[:, 0:1].to(pooled.device), torch.zeros((), dtype=pooled.dtype, device=pooled.device), pooled
+    )
+    return context, pooled
