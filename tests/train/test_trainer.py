@@ -152,3 +152,33 @@ def test_wandb_auto_is_offline_without_a_key(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_wandb_mode("auto") == "disabled"
     assert resolve_wandb_mode("offline") == "offline"
+
+
+def test_wandb_without_a_key_runs_offline_under_our_run_id(monkeypatch, tmp_path):
+    from sd3.train.logging import WandbSink
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    sink = WandbSink("sd3-test", "abcdef012345", "auto", tmp_path / "run", {"train": {"lr": 1e-3}})
+    try:
+        assert sink.mode == "offline" and sink.run is not None
+        sink.log({"loss": 1.0, "mfu_pct": None}, step=1)
+    finally:
+        sink.finish()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*-abcdef012345"))
+
+
+def test_wandb_failures_never_reach_training(monkeypatch, tmp_path):
+    import wandb
+
+    from sd3.train.logging import WandbSink
+
+    def broken_init(**kwargs):
+        raise RuntimeError("wandb service unreachable")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    sink = WandbSink("sd3-test", "abcdef012345", "online", tmp_path, {})
+    assert sink.run is None
+    sink.log({"loss": 1.0}, step=1)  # a no-op, not an error
+    sink.finish()

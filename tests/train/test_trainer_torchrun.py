@@ -1,6 +1,6 @@
 """The real job: torchrun, gloo on CPU, 1 loader rank + 2 model ranks (tiny models, shapes data).
 
-Run A is stopped by SIGTERM to one model rank; run B resumes it (`--train.resume=auto`) to step 30. Together
+Run A is stopped by SIGTERM to one model rank; run B resumes it (`--train.resume=auto`) to step 30 (2 micro-batches per step). Together
 they show: finite losses, checkpoints on disk at the agreed step, identical replicas, stall % and images/s in
 the log, and every row of one pass consumed exactly once across the two model ranks and the stop/resume.
 """
@@ -28,7 +28,9 @@ from sd3.train.checkpoint import load_checkpoint, resolve_checkpoint
 
 WORKER = Path(__file__).parent / "workers" / "train_rank.py"
 TOTAL_STEPS = 30
-PER_RANK_BATCH = 8  # the loader draws 16 rows per step: one pass over the 320 shapes rows is 22 steps
+ACCUMULATION = 2  # DDP no_sync on the first micro-batch of every step
+STOP_AFTER = 12
+PER_RANK_BATCH = 4  # the loader draws 8 rows per micro-step: one pass over the 320 shapes rows is 42 micro-steps
 
 
 def torchrun(args: list[str]) -> subprocess.Popen:
@@ -47,23 +49,23 @@ def test_loader_and_two_model_ranks_stop_on_sigterm_and_resume(tiny_models, shap
     args = train_overrides(
         tiny_models, shapes_phase, save, "--topology.mode=loader", "--topology.backend=gloo",
         "--topology.loaders_per_node=1", "--topology.models_per_loader=2", f"--data.batch_size={PER_RANK_BATCH}",
-        f"--train.total_steps={TOTAL_STEPS}", "--train.save_every=10", "--train.ema_update_every=5",
+        f"--train.total_steps={TOTAL_STEPS}", f"--train.accumulation_steps={ACCUMULATION}", "--train.save_every=5", "--train.ema_update_every=2",
         "--train.record_rows=true",
     )
 
-    # Run A: SIGTERM to global rank 2 (model rank 1, not the one that saves) once step 12 is logged.
+    # Run A: SIGTERM to global rank 2 (model rank 1, not the one that saves) once step STOP_AFTER is logged.
     proc = torchrun(args)
     deadline = time.monotonic() + 150
-    while not any(r["step"] >= 12 for r in logged(save)):
+    while not any(r["step"] >= STOP_AFTER for r in logged(save)):
         assert proc.poll() is None, f"run A ended early:\n{proc.communicate()[0][-3000:]}"
-        assert time.monotonic() < deadline, "run A did not reach step 12 in time"
+        assert time.monotonic() < deadline, f"run A did not reach step {STOP_AFTER} in time"
         time.sleep(0.2)
     os.kill(int((save / "pids" / "rank2.pid").read_text()), signal.SIGTERM)
     out_a = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out_a[-3000:]
     stopped = resolve_checkpoint(save)
     stop_step = load_checkpoint(stopped, map_location="cpu").train_state["step"]
-    assert 12 <= stop_step < TOTAL_STEPS and stopped.name == f"step-{stop_step:08d}"
+    assert STOP_AFTER <= stop_step < TOTAL_STEPS and stopped.name == f"step-{stop_step:08d}"
     assert "stop requested" in out_a
 
     # Run B: resume to the end.
@@ -89,7 +91,7 @@ def test_loader_and_two_model_ranks_stop_on_sigterm_and_resume(tiny_models, shap
     # both runs, have no duplicates and no gaps except rows skipped as bad.
     sampler = BucketBatchSampler(BucketIndex.load(shapes_phase.index_path), 2 * PER_RANK_BATCH, 0, 0, 1, 0)
     epoch = sampler.batches_per_epoch
-    assert epoch <= TOTAL_STEPS
+    assert epoch <= TOTAL_STEPS * ACCUMULATION
     consumed: list[int] = []
     steps_seen = {0: [], 1: []}
     for rank in (0, 1):
@@ -98,7 +100,7 @@ def test_loader_and_two_model_ranks_stop_on_sigterm_and_resume(tiny_models, shap
             steps_seen[rank].append(step)
             if step < epoch:
                 consumed += ids
-    assert steps_seen[0] == steps_seen[1] == list(range(TOTAL_STEPS))  # each sampler step once per rank, in order
+    assert steps_seen[0] == steps_seen[1] == list(range(TOTAL_STEPS * ACCUMULATION))  # each sampler step once per rank, in order
     assert len(consumed) == len(set(consumed)), "a row was trained on twice in one pass"
     expected = set(np.concatenate([sampler.batch(s).row_ids for s in range(epoch)]).tolist())
     assert set(consumed) <= expected
