@@ -166,16 +166,15 @@ def create_indices(folder: str | Path, out_path: str | Path | None = None, n_pro
     paths = [folder / name for name in manifest["shards"]]
     if not paths:
         raise ShardError(f"{folder}: no .parquet shards")
-    with ThreadPoolExecutor(max_workers=max(1, n_proc)) as pool:
-        per_shard = list(pool.map(_read_shard_buckets, paths))
-
-    # Map each shard's local dictionary onto one global list of bucket names.
+    # Map each shard's local dictionary onto one global list of bucket names, shard by shard in order as the
+    # reads complete, so this overlaps with the reading of later shards.
     names: dict[str, int] = {}
-    skipped = 0
-    codes = []
-    for names_local, local in per_shard:
-        lookup = np.array([names.setdefault(n, len(names)) if BUCKET_RE.match(n) else -1 for n in names_local] + [-1], dtype=np.int32)
-        codes.append(lookup[local])  # -1 indexes the trailing -1: nulls stay invalid
+    codes, rows = [], []
+    with ThreadPoolExecutor(max_workers=max(1, n_proc)) as pool:
+        for names_local, local in pool.map(_read_shard_buckets, paths):
+            lookup = [names.setdefault(n, len(names)) if BUCKET_RE.match(n) else -1 for n in names_local]
+            codes.append(np.array(lookup + [-1], dtype=np.int32)[local])  # -1 indexes the trailing -1: nulls stay invalid
+            rows.append(len(local))
     code = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int32)  # (N,) bucket of each global row
     valid = code >= 0
     skipped = int((~valid).sum())
@@ -189,10 +188,10 @@ def create_indices(folder: str | Path, out_path: str | Path | None = None, n_pro
     rank[order] = np.arange(len(order))
     key = np.where(valid, rank[np.maximum(code, 0)], len(names))
     key = key.astype(np.int16 if len(names) < 2**15 else np.int32)  # int16 sorts with a radix sort
-    row_ids = np.argsort(key, kind="stable")[: int(valid.sum())].astype(np.int64)
+    row_ids = np.argsort(key, kind="stable")[: int(valid.sum())].astype(np.int64, copy=False)
     offsets = np.concatenate([[0], np.cumsum(counts[order])]).astype(np.int64)
 
-    manifest["rows"] = [len(local) for _, local in per_shard]
+    manifest["rows"] = rows
     manifest["skipped_rows"] = skipped
     bucket_names = list(names)
     index = BucketIndex([bucket_names[i] for i in order], row_ids, offsets, manifest)
