@@ -43,7 +43,9 @@ PHASE_SCHEMA = pa.schema(
 PHASE_ROW_GROUP_BYTES = 4 << 20  # image bytes per row group: ~40 rows at 256 px PNG, ~4 at 1024 px
 MIN_ROW_GROUP_ROWS, MAX_ROW_GROUP_ROWS = 4, 1024
 COMPRESSED_COLUMNS = ("recaption", "recaption_short")
-MAX_OPEN_FILES = 64  # per reader; a folder can hold thousands of shards
+# Open (memory-mapped) shards kept per reader; each holds a file descriptor and its parsed footer. A step reads
+# rows from many shards, so too few would re-open (and re-parse) shards every step.
+MAX_OPEN_FILES = 256
 
 
 class ShardError(ValueError):
@@ -113,11 +115,11 @@ class ShardReader:
 
     folder: the shard folder. row_counts: rows per shard in `list_shards` order when already known (the bucket
     index manifest has them), which saves reading every footer. Files are memory-mapped and opened lazily, at
-    most MAX_OPEN_FILES at a time, so a reader is cheap to create in many processes; it holds no open file
-    when pickled.
+    most max_open_files at a time (least recently used closed first), so a reader is cheap to create in many
+    processes; it holds no open file when pickled.
     """
 
-    def __init__(self, folder: str | Path, row_counts: Sequence[int] | None = None):
+    def __init__(self, folder: str | Path, row_counts: Sequence[int] | None = None, max_open_files: int = MAX_OPEN_FILES):
         self.folder = Path(folder)
         self.paths = list_shards(self.folder)
         if row_counts is None:
@@ -126,6 +128,7 @@ class ShardReader:
             raise ShardError(f"{self.folder}: {len(self.paths)} shards but {len(row_counts)} row counts")
         self.row_counts = np.asarray(row_counts, dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.row_counts)])  # (S+1,)
+        self.max_open_files = max(1, max_open_files)
         self._files: OrderedDict[int, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
 
     @property
@@ -164,7 +167,7 @@ class ShardReader:
             raise ShardError(f"{path}: has {meta.num_rows} rows, expected {self.row_counts[shard]}; the folder changed")
         starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
         self._files[shard] = (pf, starts)
-        if len(self._files) > MAX_OPEN_FILES:
+        if len(self._files) > self.max_open_files:
             self._files.popitem(last=False)
         return pf, starts
 

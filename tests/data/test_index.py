@@ -116,3 +116,11 @@ def test_raw_folder_without_bucket_size_is_named(shapes_phase):
 
     with pytest.raises(ShardError, match=r"shapes-00000.parquet: no column 'bucket_size'"):
         create_indices(shapes_phase.raw_folder, None, n_proc=1)
+
+
+def test_reader_keeps_at_most_max_open_files(shapes_phase):
+    reader = ShardReader(shapes_phase.folder, max_open_files=2)
+    expected = reader.read(np.arange(reader.num_rows), ["recaption"]).column("recaption").to_pylist()
+    ids = np.array([0, 100, 200, 300, 10, 250])  # shards 0, 1, 2, 3, 0, 3
+    got = reader.read(ids, ["recaption"]).column("recaption").to_pylist()
+    assert got == [expected[i] for i in ids] and len(reader._files) == 2
