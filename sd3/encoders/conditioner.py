@@ -41,13 +41,25 @@ class Conditioner:
         """raw.images (B, 3, H, W) in [-1, 1], raw.captions (B,) -> Batch on this conditioner's device.
 
         generator: draws the VAE posterior samples (pass the sampler's per-step generator for a replayable stream).
+        A batch whose rows were all skipped (B = 0) gives an empty Batch of the same trailing shapes.
         """
+        if len(raw.captions) == 0:
+            return self.empty(raw.images.shape[-2], raw.images.shape[-1])
         context, pooled = self.text.encode(list(raw.captions), self.timings)  # (B, 2T, D), (B, P)
         with timed(self.timings, "vae", self.device):
             latents = self.vae.encode(raw.images, generator)  # (B, C, H/8, W/8)
         row_ids = torch.as_tensor(np.asarray(raw.row_ids, dtype=np.int64)).to(self.device)  # (B,)
         dtype = self.batch_dtype
         return Batch(latents.to(dtype), context.to(dtype), pooled.to(dtype), row_ids)
+
+    def empty(self, height: int, width: int) -> Batch:
+        f = self.vae.downsample
+        return Batch(
+            torch.empty(0, self.vae.latent_channels, height // f, width // f, dtype=self.batch_dtype, device=self.device),
+            torch.empty(0, 2 * self.text.text_tokens, self.text.context_dim, dtype=self.batch_dtype, device=self.device),
+            torch.empty(0, self.text.pooled_dim, dtype=self.batch_dtype, device=self.device),
+            torch.empty(0, dtype=torch.int64, device=self.device),
+        )
 
 
 def check_dims(cfg: Config, text: TextEncoders, vae: LatentVAE) -> None:

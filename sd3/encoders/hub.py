@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from dotenv import dotenv_values, find_dotenv
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as hf_logging
 
 DTYPES = {
@@ -68,12 +69,15 @@ def quiet_loading():
     """Loading a text tower out of a full checkpoint (CLIPModel, *ForCausalLM) lists every unused weight; that report
     and the per-file progress bars would bury the loader's own log lines, so they are silenced while loading."""
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    diffusers_verbosity = diffusers_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()  # e.g. "install accelerate for faster loading", irrelevant for frozen models
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        diffusers_logging.set_verbosity(diffusers_verbosity)
         if bars:
             hf_logging.enable_progress_bar()
 
