@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure-memory", metavar="PRESET", default=None,
                         help="no checkpoint: sample one image with PRESET's model size and random weights, "
                              "print peak RSS (JSON)")
+    parser.add_argument("--with-text-encoders", action="store_true",
+                        help="with --measure-memory: also build real-size Gemma-2-2B, ModernBERT-large and Meta-CLIP "
+                             "text encoders (random weights) and encode the prompt with them first")
 
 
 def main(args: argparse.Namespace) -> int | None:
@@ -101,8 +104,11 @@ def measure_memory(args: argparse.Namespace) -> int:
     """Peak RSS of sampling one image with a preset's MMDiT and a FLUX-size VAE decoder, random weights.
 
     Measured in this process, so run it as its own command. The real text encoders (Gemma-2-2B, ModernBERT-large,
-    Meta-CLIP) cannot be fetched offline and are excluded: the prompt embeddings are random tensors of their
-    shapes, which is what the MMDiT sees once the encoders have left the device. Prints a JSON line.
+    Meta-CLIP) cannot be fetched offline: by default they are excluded and the prompt embeddings are random
+    tensors of their shapes, which is what the MMDiT sees once the encoders have left the device. With
+    --with-text-encoders, models of their published sizes are built with random weights (tiny offline tokenizers)
+    and encode the prompt first; on the CPU they stay resident, so the figure is the sum of all stages.
+    Prints a JSON line.
     """
     import torch
     from diffusers import AutoencoderKL
@@ -126,10 +132,17 @@ def measure_memory(args: argparse.Namespace) -> int:
     drop_vae_encoder(vae)  # as Pipeline.from_checkpoint: sampling needs the decoder only
     after_vae = peak_rss_mb()
 
-    pipe = Pipeline(model, cfg, None, vae, device, dtype, offload=False)
+    text = real_size_text_encoders(cfg, device, dtype) if args.with_text_encoders else None
+    after_text_load = peak_rss_mb()
+    pipe = Pipeline(model, cfg, text, vae, device, dtype, offload=False)
     T, D, P = cfg.model.text_tokens, cfg.model.context_dim, cfg.model.pooled_dim
-    context = torch.randn(1, 2 * T, D, dtype=dtype, device=device)  # (1, 2T, D)
-    pooled = torch.randn(1, P, dtype=dtype, device=device)  # (1, P)
+    if text is not None:
+        prompt = args.prompt[0] if args.prompt else "a red circle in the center of a blue background"
+        context, pooled = pipe.encode([prompt])  # (1, 2T, D), (1, P)
+    else:
+        context = torch.randn(1, 2 * T, D, dtype=dtype, device=device)  # (1, 2T, D)
+        pooled = torch.randn(1, P, dtype=dtype, device=device)  # (1, P)
+    after_text = peak_rss_mb()
     uncond = (torch.zeros_like(context), torch.zeros_like(pooled))
     noise = torch.randn(1, cfg.model.in_channels, height // 8, width // 8, device=device)
     start = time.perf_counter()
@@ -145,7 +158,10 @@ def measure_memory(args: argparse.Namespace) -> int:
         "parameters_vae_decoder": sum(p.numel() for p in vae.vae.parameters()),
         "rss_mb_after_imports": round(baseline), "peak_rss_mb_after_model": round(after_model),
         "peak_rss_mb_after_vae": round(after_vae), "peak_rss_mb_after_denoise": round(after_denoise),
-        "peak_rss_mb": round(peak_rss_mb()), "text_encoders": "excluded (random embeddings of their shapes)",
+        "peak_rss_mb": round(peak_rss_mb()),
+        "text_encoders": ("included: real-size configs, random weights, resident all along"
+                          if text is not None else "excluded (random embeddings of their shapes)"),
+        "peak_rss_mb_after_text_load": round(after_text_load), "peak_rss_mb_after_text_encode": round(after_text),
         "image_size": list(image.size), "seconds": round(seconds, 1), "source_gpu_gb": 15,
     }
     if device.type == "cuda":
@@ -161,3 +177,31 @@ FLUX_VAE_CONFIG = dict(
     block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32, sample_size=1024,
     scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
 )
+
+
+def real_size_text_encoders(cfg, device, dtype):
+    """TextEncoders of the published sizes of the three encoders, random weights, in `dtype` (no fp32 copy)."""
+    import torch
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, Gemma2Config, Gemma2Model,
+                              ModernBertConfig, ModernBertModel)
+
+    from sd3.encoders.text import TextEncoders
+    from sd3.encoders.tiny import bert_tokenizer, clip_tokenizer, gemma_tokenizer
+
+    gemma_2_2b = Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                              num_attention_heads=8, num_key_value_heads=4, head_dim=256)
+    modernbert_large = ModernBertConfig(vocab_size=50368, hidden_size=1024, intermediate_size=2624,
+                                        num_hidden_layers=28, num_attention_heads=16)
+    metaclip_l14_text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                       num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            models = [CLIPTextModelWithProjection(metaclip_l14_text), Gemma2Model(gemma_2_2b),
+                      ModernBertModel(modernbert_large)]
+    finally:
+        torch.set_default_dtype(previous)
+    clip, gemma, bert = [m.eval().requires_grad_(False) for m in models]
+    return TextEncoders(clip, clip_tokenizer(), gemma, gemma_tokenizer(), bert, bert_tokenizer(),
+                        cfg.model.text_tokens, device)
