@@ -42,7 +42,7 @@ def make_timesteps(num_steps: int, shift: float = 1.0, device: torch.device | st
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def _check(x: torch.Tensor, timesteps: torch.Tensor) -> list[float]:
+def _check(timesteps: torch.Tensor) -> list[float]:
     if timesteps.dim() != 1 or timesteps.numel() < 2:
         raise ValueError(f"sampler: timesteps must be a 1-D tensor of >= 2 times, got shape {tuple(timesteps.shape)}")
     ts = [float(t) for t in timesteps]
@@ -76,7 +76,7 @@ def euler(
     The rectified-flow sampler of the SD3 paper (and diffusers' FlowMatchEulerDiscreteScheduler). Deterministic;
     `generator` is accepted for the common signature. The model is never evaluated at t = 0.
     """
-    ts = _check(x, timesteps)
+    ts = _check(timesteps)
     for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
         v = _velocity(model, x, t)  # (B, ...)
         x_next = x + (t_next - t) * v
@@ -101,7 +101,7 @@ def heun(
     x_next = x + (t_next - t)·(d + d')/2; the last step (t_next = 0) stays Euler, as in EDM, because the
     velocity is not defined at pure data. 2·N - 1 model calls for N steps. Deterministic.
     """
-    ts = _check(x, timesteps)
+    ts = _check(timesteps)
     for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
         d = _velocity(model, x, t)  # (B, ...)
         x_next = x + (t_next - t) * d
@@ -146,7 +146,7 @@ def euler_stochastic(
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"euler_stochastic: eta must be in [0, 1], got {eta}")
-    ts = _check(x, timesteps)
+    ts = _check(timesteps)
     for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
         v = _velocity(model, x, t)  # (B, ...)
         x0 = x - t * v
