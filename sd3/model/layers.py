@@ -76,6 +76,14 @@ class Modulation(nn.Module):
         return self.linear(cond).unsqueeze(1).chunk(self.chunks, dim=-1)  # each (B, 1, D)
 
 
+class HeadRMSNorm(nn.RMSNorm):
+    """Per-head RMSNorm of queries or keys (x: (B, S, H, Dh)), with its weight cast to the input's dtype so bf16
+    activations take torch's fused kernel instead of the slow mixed-dtype path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def adaptive_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """LayerNorm without affine, then `·(1 + scale) + shift`: the conditioning sets the affine per sample."""
     x = F.layer_norm(x, x.shape[-1:], eps=1e-6)  # (B, S, D)

@@ -13,10 +13,24 @@ from torch.utils.checkpoint import checkpoint
 
 from sd3.config import ModelConfig
 from sd3.model.attention import attention, check_backend, resolve_backend
-from sd3.model.layers import Modulation, PatchEmbedding, TextPartEmbedding, TimestepEmbedding, adaptive_norm, make_mlp
+from sd3.model.layers import HeadRMSNorm, Modulation, PatchEmbedding, TextPartEmbedding, TimestepEmbedding, adaptive_norm, make_mlp
 from sd3.model.rope import Rope2d, sincos_2d
 
 POSITIONAL_ENCODINGS = ("RoPE2d", "absolute", "NoPE")
+
+
+def per_sample(fn, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Run a conditioning computation on (B, D) vectors in fp32 with autocast off, and hand back its outputs in the
+    autocast dtype. These layers (time, pooled, modulation: ~30% of the weights) see one row per sample, so their
+    matmuls cost nothing, while autocast would copy each of their weight matrices to bf16 on every step and their
+    gradients back to fp32 — the dominant cost of these layers on a CPU."""
+    device = like.device.type
+    with torch.autocast(device, enabled=False):
+        out = fn()
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(o.to(dtype) for o in out) if isinstance(out, tuple) else out.to(dtype)
+    return out
 
 
 class JointBlock(nn.Module):
@@ -40,10 +54,10 @@ class JointBlock(nn.Module):
         # One fused projection per stream: a single (D, 3D) matmul instead of three (D, D) ones.
         self.qkv_x = nn.Linear(dim, 3 * dim)
         self.qkv_c = nn.Linear(dim, (2 if last else 3) * dim)
-        self.q_norm_x = nn.RMSNorm(self.head_dim, eps=1e-6)
-        self.k_norm_x = nn.RMSNorm(self.head_dim, eps=1e-6)
-        self.q_norm_c = None if last else nn.RMSNorm(self.head_dim, eps=1e-6)
-        self.k_norm_c = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.q_norm_x = HeadRMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm_x = HeadRMSNorm(self.head_dim, eps=1e-6)
+        self.q_norm_c = None if last else HeadRMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm_c = HeadRMSNorm(self.head_dim, eps=1e-6)
         self.out_x = nn.Linear(dim, dim)
         self.out_c = None if last else nn.Linear(dim, dim)
         self.mlp_x = make_mlp(cfg.mlp_type, dim, cfg.hidden_scale)
@@ -72,9 +86,9 @@ class JointBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, y: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, N, D) image, c (B, L, D) text, y (B, D) conditioning -> updated (x, c); c is None after the last block."""
-        cond = F.silu(self.cond(y))  # (B, D)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.mod_x(cond)  # (B, 1, D) each
-        mod_c = self.mod_c(cond)
+        mods = per_sample(lambda: self.modulations(y.float()), y)  # (B, 1, D) each
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods[:6]
+        mod_c = mods[6:]
         xn = adaptive_norm(x, shift1, scale1)  # (B, N, D)
         cn = adaptive_norm(c, mod_c[0], mod_c[1])  # (B, L, D)
         if self.checkpoint_attn and torch.is_grad_enabled():
@@ -89,6 +103,11 @@ class JointBlock(nn.Module):
         c = c + attn_c * c_gate1
         c = c + self.run_mlp(self.mlp_c, adaptive_norm(c, c_shift2, c_scale2)) * c_gate2  # (B, L, D)
         return x, c
+
+    def modulations(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Image-stream shift/scale/gate ×2, then the text stream's, each (B, 1, D), from y (B, D)."""
+        cond = F.silu(self.cond(y))  # (B, D)
+        return self.mod_x(cond) + self.mod_c(cond)
 
     def run_mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_mlp and torch.is_grad_enabled():
@@ -191,10 +210,10 @@ class MMDiT(nn.Module):
         txt = torch.cat(
             [self.text_embed[0](context[:, :T, :d_gemma]), self.text_embed[1](context[:, T:, :d_bert])], dim=1
         )  # (B, 2T, D): the padding columns of the narrower part are sliced off, not projected
-        y = self.time_embed(t) + self.pooled_embed(pooled)  # (B, D)
+        y = per_sample(lambda: self.time_embed(t) + self.pooled_embed(pooled.float()), x)  # (B, D)
         for block in self.blocks:
             img, txt = block(img, txt, y, hp, wp)
-        shift, scale = self.head_mod(F.silu(self.head_cond(y)))  # (B, 1, D) each
+        shift, scale = per_sample(lambda: self.head_mod(F.silu(self.head_cond(y.float()))), x)  # (B, 1, D) each
         out = self.head(adaptive_norm(img, shift, scale))  # (B, N, p·p·C)
         out = out.view(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, hp, p, wp, p)
         return out.reshape(B, C, h, w)
