@@ -38,9 +38,12 @@ def build_cache(cfg: Config, num_loaders: int, max_steps: int = 0) -> int:
     """Write the cache of `num_loaders` loader streams; this process does the loaders with index % world == rank."""
     import torch.distributed as dist
 
+    from sd3.commands.train import apply_runtime_settings
     from sd3.data.cached import CacheWriter
     from sd3.train.sources import Encoder
 
+    # The encoders' last bits depend on the CPU thread count: cache with the settings training will use.
+    apply_runtime_settings(cfg.train)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
         dist.init_process_group("gloo")

@@ -52,7 +52,7 @@ def resume_plan(cfg: Config) -> tuple[Path | None, bool, bool]:
     if not spec:
         return None, False, False
     if spec == "auto":
-        directory = resolve_checkpoint(cfg.train.save_dir)
+        directory = resolve_checkpoint("auto", save_dir=cfg.train.save_dir)
         return (Path(directory) if directory else None), True, True
     directory = resolve_checkpoint(spec)
     if directory is None:

@@ -10,7 +10,8 @@ training reads tensors instead of running encoders. Layout of a cache folder:
 
 Why per sampler step: the cache run walks exactly the batches a colocated run's first epoch would see and
 encodes each one with the generator seeded by that step's seed_for_step (the caption choice and the VAE
-posterior sample), so a cached run reproduces a colocated run's epoch 0 bit for bit. Later epochs draw other
+posterior sample), so a cached run reproduces a colocated run's epoch 0 bit for bit (on the same device
+and CPU thread count — `sd3 cache` applies train.num_threads — since kernels' last bits depend on both). Later epochs draw other
 row combinations; their rows are looked up by id and keep the caption and VAE sample of their epoch-0 encoding
 — the one fixed encoding per image that precomputing implies.
 

@@ -30,6 +30,7 @@ from sd3.data.cached import SKIP_NOT_CACHED
 from sd3.model import build_model
 from sd3.model.flops import train_flops_per_image
 from sd3.train import signals
+from sd3.train.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from sd3.train.ema import EMA
 from sd3.train.flow import add_noise, cfg_dropout, flow_loss, sample_timesteps, velocity_target
 from sd3.train.logging import RunLogger, new_run_id
@@ -328,7 +329,6 @@ class Trainer:
         skipped_rows = self.total_skipped_rows()  # a collective, so before the rank-0-only part
         if not self.ranks.is_main:
             return
-        from sd3.train.checkpoint import save_checkpoint
 
         model_state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
         sampler_states = {str(i): {"step": self.micro_step} for i in range(self.source.num_loaders)}
@@ -338,7 +338,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state()},
+            "rng": capture_rng_state(),
             "samplers": sampler_states,
             "counters": {
                 "images": self.counters.images,
@@ -377,7 +377,7 @@ class Trainer:
         self.scheduler.load_state_dict(ts["scheduler"])
         if ts.get("scaler"):
             self.scaler.load_state_dict(ts["scaler"])
-        torch.set_rng_state(ts["rng"]["torch"])
+        restore_rng_state(ts["rng"])
         self.step = int(ts["step"])
         self.micro_step = int(ts["micro_step"])
         c = ts.get("counters", {})
