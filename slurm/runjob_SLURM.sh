@@ -65,12 +65,19 @@ on_usr1() {
 }
 trap on_usr1 USR1
 
+requeue() {
+    log "$1; requeueing job $SLURM_JOB_ID to resume from the latest checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+}
+
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 head_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address | awk '{ print $1 }')
 if [ -z "$head_ip" ]; then
     echo "runjob_SLURM: could not get the address of head node '$head_node'" >&2
     exit 1
 fi
+[ "$preempted" = 1 ] && requeue "SIGUSR1 before training started"
 log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x $NPROC process(es), head $head_node ($head_ip:$PORT), config $CONFIG"
 
 # In the background so the trap runs as soon as the signal arrives (bash defers traps until a foreground child exits).
@@ -88,11 +95,7 @@ while true; do
     kill -0 "$step_pid" 2>/dev/null || break
 done
 
-if [ "$preempted" = 1 ]; then
-    # torchrun exits non-zero after forwarding a signal even when every rank checkpointed and exited 0.
-    log "training step exited ($status) after SIGUSR1; requeueing job $SLURM_JOB_ID to resume from the latest checkpoint"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
-fi
+# torchrun exits non-zero after forwarding a signal even when every rank checkpointed and exited 0.
+[ "$preempted" = 1 ] && requeue "training step exited ($status) after SIGUSR1"
 log "training step exited with status $status"
 exit "$status"
