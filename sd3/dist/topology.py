@@ -17,7 +17,9 @@ torchrun environment, resolves the roles, initialises the process group and crea
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -225,6 +227,19 @@ def init_distributed(cfg: Config) -> Topology:
     else:
         topo.model_group = dist.group.WORLD
     return topo
+
+
+def exit_now(code: int) -> None:
+    """End the process with `code` at once, after flushing the logs, skipping interpreter teardown.
+
+    For failure paths: a thread blocked in a gloo wait (the BatchReceiver's, waiting on a loader) makes a normal
+    interpreter exit abort with "terminate called without an active exception" while the process group is torn
+    down; the exit code would then be 134 instead of `code`.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def shutdown_distributed() -> None:

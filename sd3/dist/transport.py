@@ -20,9 +20,12 @@ exactly "batches in flight", which `BatchSender` bounds by `topology.max_in_flig
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -237,7 +240,8 @@ class BatchReceiver:
         self.closed = False
         self.control = ControlChannel(self.loader)
         self._queue: queue.Queue = queue.Queue(maxsize=1)
-        self._stopping = threading.Event()
+        self._ended = threading.Event()  # the receiving thread saw the end of the stream (DONE or a failure)
+        self._error: LoaderFailed | None = None
         self._thread = threading.Thread(target=self._receive_loop, name=f"sd3-recv-from-{self.loader}", daemon=True)
         self._thread.start()
 
@@ -287,6 +291,9 @@ class BatchReceiver:
                 item = _End(e)
             except Exception as e:  # a bug here must still reach the trainer, not die silently in this thread
                 item = _End(LoaderFailed(f"receiving from loader rank {self.loader} failed: {type(e).__name__}: {e}"))
+            if isinstance(item, _End):
+                self._error = item.error
+                self._ended.set()
             self._queue.put(item)
             if isinstance(item, _End):
                 return
@@ -337,14 +344,37 @@ class BatchReceiver:
         self._thread.join(timeout=5.0)
 
     def fail(self, message: str = "") -> None:
-        """Best effort, never blocks for long: tell the loader this model rank is failing, so it stops the others."""
+        """Best effort, never blocks for long: tell the loader this model rank is failing, so it stops the others.
+
+        If the receiving thread is still blocked in a gloo wait when the interpreter exits, the process group's
+        teardown would abort the process (SIGABRT, "terminate called without an active exception"); an exit hook
+        registered here ends such a process with code 1 instead, after flushing the logs.
+        """
         if self.closed:
             return
         self.closed = True
+        atexit.register(self._exit_if_blocked)
         try:
             self.control.tell(self.topo.rank, CTRL_FAILED, self.next_step, message.replace("\n", " ")[:500])
         except Exception as e:  # the store may be gone with the rank that hosted it
             log.warning("could not tell loader rank %s that rank %s failed: %s", self.loader, self.topo.rank, e)
+
+    def _exit_if_blocked(self) -> None:
+        self._thread.join(timeout=1.0)
+        if self._thread.is_alive():
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+    def failure(self, wait_s: float = 2.0) -> LoaderFailed | None:
+        """The loader's failure, if the receiving thread saw one (waiting up to `wait_s` for it to show).
+
+        For a model rank that failed elsewhere (e.g. DDP lost a peer because the loader died and another model rank
+        exited first): the root cause to report, naming the loader rank.
+        """
+        self._ended.wait(timeout=wait_s)
+        return self._error
 
     def close(self) -> None:
         """Forget the receiver (after stop() or fail(); the daemon thread dies with the process)."""
@@ -410,7 +440,11 @@ class BatchSender:
         start = time.perf_counter()
         device = self.topo.transport_device
         tensors = [header.to(device)] + [t.to(device).contiguous() for t in payload if t.numel()]
-        works = [dist.isend(t, dst=consumer, tag=DATA_TAG) for t in tensors]
+        try:
+            works = [dist.isend(t, dst=consumer, tag=DATA_TAG) for t in tensors]
+        except RuntimeError as e:  # gloo raises here when the peer's connection is already closed
+            self.finished.add(consumer)
+            raise ConsumerFailed(f"lost model rank {consumer} sending step {step}: {_first_line(e)}") from None
         self.in_flight[consumer].append(_Outgoing(step, works, tensors))
         self.send_seconds += time.perf_counter() - start
 
@@ -438,8 +472,8 @@ class BatchSender:
         for c in targets:
             try:
                 self._send(c, encode_header(kind, step, None), step, [msg])
-            except RuntimeError as e:
-                log.warning("could not send %s to model rank %s: %s", KIND_NAMES[kind], c, _first_line(e))
+            except ConsumerFailed as e:
+                log.warning("could not send %s: %s", KIND_NAMES[kind], e)
             self.finished.add(c)
         self.flush(timeout_s, consumers=targets, raise_errors=False)
 
