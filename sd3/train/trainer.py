@@ -30,7 +30,7 @@ from sd3.data.cached import SKIP_NOT_CACHED
 from sd3.model import build_model
 from sd3.model.flops import train_flops_per_image
 from sd3.train import signals
-from sd3.train.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from sd3.train.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint, scrub_secrets
 from sd3.train.ema import EMA
 from sd3.train.flow import add_noise, cfg_dropout, flow_loss, sample_timesteps, velocity_target
 from sd3.train.logging import RunLogger, new_run_id
@@ -156,7 +156,8 @@ class Trainer:
             self.rows_file = (rows_dir / f"rank{ranks.rank}.txt").open("a")
         self.log = RunLogger(
             enabled=ranks.is_main, out_dir=self.save_dir, total_steps=tc.total_steps, start_step=self.step,
-            wandb_project=tc.wandb_project, wandb_mode=tc.wandb_mode, run_id=self.run_id, config=cfg.to_dict(),
+            wandb_project=tc.wandb_project, wandb_mode=tc.wandb_mode, run_id=self.run_id,
+            config=scrub_secrets(cfg.to_dict())[0],  # belt and braces: a Config holds no secrets by design
         )
         self.log.info(
             f"training {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on {ranks.world} model "
