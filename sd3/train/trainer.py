@@ -186,7 +186,8 @@ class Trainer:
             # This micro-batch's own random stream: CFG masks, timesteps, noise.
             gen = generator(tc.seed, self.micro_step, self.ranks.rank, "train")
             context, pooled = cfg_dropout(
-                batch.context.contiguous(), batch.pooled.contiguous(), m.text_tokens, tc.null_prob_pooled, tc.null_prob_gemma, tc.null_prob_bert, gen
+                batch.context.contiguous(), batch.pooled.contiguous(), m.text_tokens,
+                tc.null_prob_pooled, tc.null_prob_gemma, tc.null_prob_bert, gen,
             )  # (B, 2T, D), (B, P)
             t = sample_timesteps(b, gen, self.device)  # (B,)
             noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(self.device)  # (B, C, h, w)
@@ -208,11 +209,11 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         # fp16: the GradScaler skips steps with inf gradients by itself (it is how it finds its scale); only a
         # non-finite loss counts. Otherwise a non-finite loss or gradient norm means: do not touch the weights.
-        bad = ~torch.isfinite(loss_total) if self.scaler.is_enabled() else ~(torch.isfinite(loss_total) & torch.isfinite(grad_norm))
+        finite = torch.isfinite(loss_total) if self.scaler.is_enabled() else torch.isfinite(loss_total) & torch.isfinite(grad_norm)
         stop_here = signals.requested() or self.stop_from_source
         # One all_reduce per step carries the loss for the log and the two decisions every rank must share.
-        shared = torch.stack([loss_total.float(), bad.float(), torch.tensor(float(stop_here), device=self.device)])
-        if self.ranks.group is not None and self.ranks.world > 1:
+        shared = torch.stack([loss_total.float(), (~finite).float(), torch.tensor(float(stop_here), device=self.device)])
+        if self.is_ddp:
             dist.all_reduce(shared, op=dist.ReduceOp.SUM, group=self.ranks.group)
         loss_mean, any_bad, any_stop = shared.tolist()
         loss_mean /= self.ranks.world
@@ -283,6 +284,8 @@ class Trainer:
             return 0
         except BaseException as e:
             self.source.fail(f"model rank {self.ranks.rank}: {type(e).__name__}: {e}")
+            if self.rows_file is not None:
+                self.rows_file.close()
             self.log.close()
             raise
 
@@ -291,7 +294,7 @@ class Trainer:
         self.source.stop(self.micro_step)
         if self.rows_file is not None:
             self.rows_file.close()
-        if self.ranks.group is not None and self.ranks.world > 1:
+        if self.is_ddp:
             # Rank 0 may still be writing the last checkpoint; nobody leaves before it is on disk.
             dist.barrier(group=self.ranks.group)
         self.log.close()
@@ -316,7 +319,7 @@ class Trainer:
         """
         mine = self.skipped_rows if getattr(self.source, "counts_rows", True) else {}
         values = torch.tensor([float(v) for v in skip_vector(mine)], dtype=torch.float64)
-        if self.ranks.group is not None and self.ranks.world > 1:
+        if self.is_ddp:
             values = values.to(self.device)
             dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.ranks.group)
         base = self.counters.skipped_rows
