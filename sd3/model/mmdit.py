@@ -95,13 +95,14 @@ class JointBlock(nn.Module):
             attn_x, attn_c = checkpoint(self.attend, xn, cn, h, w, use_reentrant=False)
         else:
             attn_x, attn_c = self.attend(xn, cn, h, w)
-        x = x + attn_x * gate1
-        x = x + self.run_mlp(self.mlp_x, adaptive_norm(x, shift2, scale2)) * gate2  # (B, N, D)
+        # addcmul: the gated residual in one pass over memory instead of a multiply and an add.
+        x = torch.addcmul(x, attn_x, gate1)  # (B, N, D)
+        x = torch.addcmul(x, self.run_mlp(self.mlp_x, adaptive_norm(x, shift2, scale2)), gate2)
         if self.last:
             return x, None
         c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = mod_c  # (B, 1, D) each
-        c = c + attn_c * c_gate1
-        c = c + self.run_mlp(self.mlp_c, adaptive_norm(c, c_shift2, c_scale2)) * c_gate2  # (B, L, D)
+        c = torch.addcmul(c, attn_c, c_gate1)  # (B, L, D)
+        c = torch.addcmul(c, self.run_mlp(self.mlp_c, adaptive_norm(c, c_shift2, c_scale2)), c_gate2)
         return x, c
 
     def modulations(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
