@@ -34,11 +34,13 @@ PROMPTS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=".", help="where data/ and runs/ go (default: the current directory)")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps (optimizer steps)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps (optimizer steps)")
     parser.add_argument("--n-images", type=int, default=4000, help="size of the synthetic shapes dataset")
     parser.add_argument("--batch-size", type=int, default=16, help="per model rank")
+    parser.add_argument("--vae-weights", default="",
+                        help="trained tiny-VAE weights (default: the ones shipped in sd3/assets)")
     parser.add_argument("--vae-steps", type=int, default=3000,
-                        help="tiny-VAE training steps, only when sd3/assets holds no trained weights")
+                        help="tiny-VAE training steps, only when there are no trained weights")
     parser.add_argument("--sample-steps", type=int, default=30, help="sampler steps for the grid")
     parser.add_argument("--cfg", type=float, default=None, help="CFG scale of the grid (default: the preset's)")
     parser.add_argument("--prompt", action="append", default=[], help="grid prompts (default: 8 shapes prompts)")
@@ -124,8 +126,9 @@ def run_cli(argv: list[str]) -> int:
 def make_tiny(paths: Paths, args: argparse.Namespace) -> int:
     from sd3.encoders.tiny import TINY_VAE_WEIGHTS
 
-    argv = ["make-tiny", "--out", str(paths.models)]
-    if not TINY_VAE_WEIGHTS.is_file():
+    weights = Path(args.vae_weights) if args.vae_weights else TINY_VAE_WEIGHTS
+    argv = ["make-tiny", "--out", str(paths.models), "--vae-weights", str(weights)]
+    if not weights.is_file():
         # No shipped weights: train the tiny VAE on shapes here so it reconstructs them (a few minutes).
         argv += ["--train-vae-steps", str(args.vae_steps)]
     return run_cli(argv)

@@ -9,7 +9,6 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
-from test_pipeline import tiny_checkpoint  # noqa: F401  stand-in until tests/fixtures/training.py has one
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "infer_loop.ipynb"
 

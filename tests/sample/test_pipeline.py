@@ -1,49 +1,19 @@
-"""The sampling pipeline against a tiny checkpoint: sizes, samplers, seeds, CFG, the size error, `sd3 sample`."""
+"""The sampling pipeline against `tiny_checkpoint` (a short real training run): sizes, samplers, seeds, CFG, the size
+error, EMA vs raw weights, and `sd3 sample` end to end."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from sd3.config import load_config
-from sd3.model import build_model
 from sd3.sample.pipeline import Pipeline, check_size
 from sd3.sample.samplers import euler, make_timesteps
 
 SIZE = dict(width=48, height=32, num_steps=3)  # non-square, so a swapped width/height would show
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """Stand-in until tests/fixtures/training.py provides a trained one: tiny encoders by make_tiny and a tiny MMDiT
-    whose zero-initialised layers are perturbed (a fresh adaLN-zero model outputs 0 whatever the prompt)."""
-    from sd3.encoders.tiny import make_tiny
-
-    root = tmp_path_factory.mktemp("tiny_ckpt")
-    models = make_tiny(root / "models")
-    cfg = load_config("tiny-cpu", [f"encoders.clip={models / 'metaclip'}", f"encoders.gemma={models / 'gemma'}",
-                                   f"encoders.bert={models / 'modernbert'}", f"encoders.vae={models / 'flux'}"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    raw = {k: v.contiguous() for k, v in model.state_dict().items()}
-    ema = {k: v + 0.01 for k, v in raw.items()}
-    ckpt = root / "run" / "step-00000001"
-    ckpt.mkdir(parents=True)
-    save_file(raw, str(ckpt / "model.safetensors"))
-    save_file(ema, str(ckpt / "ema.safetensors"))
-    (ckpt / "config.json").write_text(cfg.to_json())
-    (ckpt / "meta.json").write_text(json.dumps({"step": 1}))
-    return ckpt
 
 
 @pytest.fixture(scope="module")
