@@ -182,3 +182,32 @@ def test_wandb_failures_never_reach_training(monkeypatch, tmp_path):
     assert sink.run is None
     sink.log({"loss": 1.0}, step=1)  # a no-op, not an error
     sink.finish()
+
+
+class LoaderAsksToStop:
+    """A real colocated source whose batch at micro-step `at` carries a loader's "a stop signal reached me" flag."""
+
+    def __init__(self, source: ColocatedSource, at: int):
+        self.source, self.at = source, at
+        self.num_loaders = source.num_loaders
+
+    def next(self):
+        batch, stats = self.source.next()
+        stats.stop_requested = stats.step >= self.at
+        return batch, stats
+
+    def stop(self, step: int) -> None:
+        self.source.stop(step)
+
+    def fail(self, message: str) -> None:
+        self.source.fail(message)
+
+
+def test_a_stop_forwarded_by_the_loader_stops_like_a_local_signal(tiny_models, shapes_phase, tmp_path):
+    cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, tmp_path, "--train.total_steps=50",
+                                                  "--train.save_every=100"))
+    device = torch.device("cpu")
+    trainer = Trainer(cfg, ModelRanks(device), LoaderAsksToStop(ColocatedSource(cfg, 0, 1, device, 0), at=1))
+    assert trainer.train() == signals.PREEMPTED_EXIT_CODE
+    assert not signals.requested()  # nothing local: the flag came with the batch
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step-00000002"
