@@ -36,14 +36,19 @@ def main(args: argparse.Namespace) -> int:
 
 def build_cache(cfg: Config, num_loaders: int, max_steps: int = 0) -> int:
     """Write the cache of `num_loaders` loader streams; this process does the loaders with index % world == rank."""
+    from sd3.commands.train import runtime_settings
+
+    # The encoders' last bits depend on the CPU thread count: cache with the settings training will use.
+    with runtime_settings(cfg.train):
+        return write_cache(cfg, num_loaders, max_steps)
+
+
+def write_cache(cfg: Config, num_loaders: int, max_steps: int) -> int:
     import torch.distributed as dist
 
-    from sd3.commands.train import apply_runtime_settings
     from sd3.data.cached import CacheWriter
     from sd3.train.sources import Encoder
 
-    # The encoders' last bits depend on the CPU thread count: cache with the settings training will use.
-    apply_runtime_settings(cfg.train)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
         dist.init_process_group("gloo")

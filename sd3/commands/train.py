@@ -17,9 +17,10 @@ Resume (`--train.resume=auto|PATH`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -35,13 +36,24 @@ def main(args: argparse.Namespace) -> int:
     return run(cfg)
 
 
-def apply_runtime_settings(tc: TrainConfig) -> None:
+@contextlib.contextmanager
+def runtime_settings(tc: TrainConfig) -> Iterator[None]:
+    """train.num_threads and train.deterministic for the duration of a run, restored afterwards (a run inside
+    a longer-lived process — a test session, a notebook — leaves the process as it found it)."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    benchmark = torch.backends.cudnn.benchmark
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     if tc.deterministic:
         # Exact resume on CPU: the same kernels in the same order give bit-identical steps.
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def resume_plan(cfg: Config) -> tuple[Path | None, bool, bool]:
@@ -73,9 +85,13 @@ def run(cfg: Config, after_train: Callable[[Any], None] | None = None) -> int:
 
     after_train(trainer) runs on each model rank once training returned (tests use it to inspect the replica).
     """
+    with runtime_settings(cfg.train):
+        return run_rank(cfg, after_train)
+
+
+def run_rank(cfg: Config, after_train: Callable[[Any], None] | None) -> int:
     from sd3.dist import init_distributed, shutdown_distributed
 
-    apply_runtime_settings(cfg.train)
     topology = init_distributed(cfg)
     who = f"rank {topology.rank} ({topology.role})"
     try:
