@@ -73,8 +73,11 @@ requeue() {
 
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 head_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address | awk '{ print $1 }')
-if [ -z "$head_ip" ]; then
-    echo "runjob_SLURM: could not get the address of head node '$head_node'" >&2
+# torchrun on the head node hosts the rendezvous only if this address is one its own hostname resolves to, so it
+# must be that one; but other nodes cannot reach a loopback address (Debian maps a host's name to 127.0.1.1).
+if [ -z "$head_ip" ] || { [ "$NNODES" -gt 1 ] && [[ "$head_ip" == 127.* ]]; }; then
+    echo "runjob_SLURM: head node '$head_node' resolves its own name to '$head_ip', which other nodes cannot reach;" \
+        "map its hostname to a routable address (/etc/hosts or DNS)" >&2
     exit 1
 fi
 [ "$preempted" = 1 ] && requeue "SIGUSR1 before training started"
