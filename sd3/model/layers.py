@@ -30,7 +30,8 @@ class TimestepEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # Kept in fp32 even under autocast: sin/cos of arguments up to ~1000 lose all precision in bf16.
         angles = (t.float() * self.time_scale.float())[:, None] * self.freqs[None]  # (B, F/2)
-        return self.proj(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))  # (B, D)
+        emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, F)
+        return self.proj(emb.to(self.proj.weight.dtype))  # (B, D)
 
 
 class TextPartEmbedding(nn.Module):

@@ -19,15 +19,15 @@ from sd3.model.rope import Rope2d, sincos_2d
 POSITIONAL_ENCODINGS = ("RoPE2d", "absolute", "NoPE")
 
 
-def per_sample(fn, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def per_sample(fn, like: torch.Tensor, cast: bool = True):
     """Run a conditioning computation on (B, D) vectors in fp32 with autocast off, and hand back its outputs in the
-    autocast dtype. These layers (time, pooled, modulation: ~30% of the weights) see one row per sample, so their
+    autocast dtype (or fp32 when `cast` is False). These layers (time, pooled, modulation: ~30% of the weights) see one row per sample, so their
     matmuls cost nothing, while autocast would copy each of their weight matrices to bf16 on every step and their
     gradients back to fp32 — the dominant cost of these layers on a CPU."""
     device = like.device.type
     with torch.autocast(device, enabled=False):
         out = fn()
-    if torch.is_autocast_enabled(device):
+    if cast and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         return tuple(o.to(dtype) for o in out) if isinstance(out, tuple) else out.to(dtype)
     return out
@@ -85,8 +85,8 @@ class JointBlock(nn.Module):
         return self.out_x(out[:, :N]), self.out_c(out[:, N:])  # (B, N, D), (B, L, D)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, y: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, N, D) image, c (B, L, D) text, y (B, D) conditioning -> updated (x, c); c is None after the last block."""
-        mods = per_sample(lambda: self.modulations(y.float()), y)  # (B, 1, D) each
+        """x (B, N, D) image, c (B, L, D) text, y (B, D) conditioning (fp32 unless the weights are not) -> updated (x, c); c is None after the last block."""
+        mods = per_sample(lambda: self.modulations(y), x)  # (B, 1, D) each
         shift1, scale1, gate1, shift2, scale2, gate2 = mods[:6]
         mod_c = mods[6:]
         xn = adaptive_norm(x, shift1, scale1)  # (B, N, D)
@@ -211,10 +211,10 @@ class MMDiT(nn.Module):
         txt = torch.cat(
             [self.text_embed[0](context[:, :T, :d_gemma]), self.text_embed[1](context[:, T:, :d_bert])], dim=1
         )  # (B, 2T, D): the padding columns of the narrower part are sliced off, not projected
-        y = per_sample(lambda: self.time_embed(t) + self.pooled_embed(pooled.float()), x)  # (B, D)
+        y = per_sample(lambda: self.time_embed(t) + self.pooled_embed(pooled.to(self.pooled_embed.weight.dtype)), x, cast=False)  # (B, D)
         for block in self.blocks:
             img, txt = block(img, txt, y, hp, wp)
-        shift, scale = per_sample(lambda: self.head_mod(F.silu(self.head_cond(y.float()))), x)  # (B, 1, D) each
+        shift, scale = per_sample(lambda: self.head_mod(F.silu(self.head_cond(y))), x)  # (B, 1, D) each
         out = self.head(adaptive_norm(img, shift, scale))  # (B, N, p·p·C)
         out = out.view(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, hp, p, wp, p)
         return out.reshape(B, C, h, w)

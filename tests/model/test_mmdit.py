@@ -36,6 +36,21 @@ def test_options_run(pos, mlp):
     assert model(x, t, context, pooled).shape == x.shape
 
 
+def test_bf16_weights_and_autocast_run():
+    """Training runs fp32 weights under bf16 autocast; sampling may cast the whole model to bf16."""
+    cfg = tiny_config()
+    model = build_model(cfg)
+    perturb_zero_init(model)
+    x, t, context, pooled = make_inputs(cfg, 2, 4, 6)
+    reference = model(x, t, context, pooled)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(x, t, context, pooled)
+    pure = model.to(torch.bfloat16)(x.bfloat16(), t, context.bfloat16(), pooled.bfloat16())
+    for out in (mixed, pure):
+        assert out.dtype == torch.bfloat16 and out.shape == x.shape
+        torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.1)
+
+
 def test_fresh_model_outputs_zero():
     """adaLN-Zero: the head and every gate start at zero, so the first prediction is exactly 0."""
     cfg = tiny_config()
