@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
+import math
 import os
 import queue
 import sys
@@ -190,9 +191,10 @@ class ControlChannel:
     consumer writes its key, then bumps the loader's counter, so one `add(counter, 0)` per poll sees news.
     """
 
-    def __init__(self, loader: int, store: dist.Store | None = None):
+    def __init__(self, loader: int, channel: str = "train", store: dist.Store | None = None):
+        # `channel` separates successive sender/receiver pairs of one job (a benchmark runs several).
         base = store if store is not None else dist.distributed_c10d._get_default_store()
-        self.store = dist.PrefixStore(f"sd3/control/loader{loader}/", base)
+        self.store = dist.PrefixStore(f"sd3/control/{channel}/loader{loader}/", base)
         self.seen = 0
 
     def tell(self, consumer: int, kind: int, step: int, message: str = "") -> None:
@@ -214,6 +216,54 @@ class ControlChannel:
         return news
 
 
+def _storage_users(t: torch.Tensor) -> int:
+    """How many tensors share `t`'s storage (views included); 0 when torch does not tell."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count(t.untyped_storage()._cdata) if use_count is not None else 0
+
+
+class ReceiveBuffers:
+    """Where received batches land on the CPU: tensors laid out in a few reused flat buffers.
+
+    A fresh 100 MB tensor costs ~10x a reused one on the CPU (every page is faulted in on first touch), which
+    would double the transport time of a reference-size batch. A buffer is reused only once nothing else holds
+    any tensor of it (the trainer dropped the batch), checked through the storage's use count; otherwise a new
+    one is made and the old one left to its holder. On CUDA the caching allocator already reuses memory.
+    """
+
+    ALIGN = 64  # bytes; each tensor starts aligned inside its buffer (the wire carries no padding)
+    KEEP = 3  # the batch in the trainer's hands, the one in the queue, the one being received
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: list[torch.Tensor] = []
+        probe = torch.empty(1, dtype=torch.uint8)
+        self.idle_users = _storage_users(probe)  # the count of a buffer nobody else holds
+
+    def _free_buffer(self, nbytes: int) -> torch.Tensor:
+        for i, buf in enumerate(self.buffers):
+            if self.idle_users and _storage_users(buf) == self.idle_users:
+                if buf.numel() >= nbytes:
+                    return buf
+                self.buffers[i] = torch.empty(nbytes, dtype=torch.uint8)
+                return self.buffers[i]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        self.buffers = (self.buffers + [buf])[-self.KEEP:]
+        return buf
+
+    def tensors(self, specs: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+        """Empty tensors of exactly these dtypes and shapes."""
+        if self.device.type != "cpu":
+            return [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
+        sizes = [math.prod(shape) * dtype.itemsize for dtype, shape in specs]
+        offsets, end = [], 0
+        for size in sizes:
+            offsets.append(end)
+            end += -(-size // self.ALIGN) * self.ALIGN
+        buf = self._free_buffer(max(end, 1))
+        return [buf[o: o + n].view(dtype).view(shape) for o, n, (dtype, shape) in zip(offsets, sizes, specs)]
+
+
 class _End:
     """What the receiving thread leaves in the queue when the stream ends: the exception to raise, or None (DONE)."""
 
@@ -228,9 +278,10 @@ class BatchReceiver:
     payload receives as soon as that header has arrived (it announces the shapes), and leaves the finished batch
     in a one-slot queue — so batch k+1 travels while the trainer computes on batch k, and `next()` only waits
     when the loader is behind. start_step: the sampler step of the first batch expected (resume).
+    channel: the back-channel's name, the same as the sender's.
     """
 
-    def __init__(self, topology: Topology, start_step: int = 0):
+    def __init__(self, topology: Topology, start_step: int = 0, channel: str = "train"):
         if topology.my_loader is None:
             raise ValueError(f"rank {topology.rank} has no loader (role {topology.role}, mode {topology.mode})")
         self.topo = topology
@@ -238,17 +289,22 @@ class BatchReceiver:
         self.start_step = start_step
         self.next_step = start_step  # the step next() returns next
         self.closed = False
-        self.control = ControlChannel(self.loader)
+        self.control = ControlChannel(self.loader, channel)
         self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._pool = ReceiveBuffers(topology.transport_device)
         self._ended = threading.Event()  # the receiving thread saw the end of the stream (DONE or a failure)
         self._error: LoaderFailed | None = None
         self._thread = threading.Thread(target=self._receive_loop, name=f"sd3-recv-from-{self.loader}", daemon=True)
         self._thread.start()
 
     # The receiving thread ------------------------------------------------------------------------------------
-    def _recv(self, tensor: torch.Tensor, what: str, step: int) -> None:
+    def _recv(self, tensors: list[torch.Tensor], what: str, step: int) -> None:
+        """Receive `tensors` (in wire order) from the loader: all receives posted at once, then waited."""
+        deadline = time.perf_counter() + self.topo.timeout_s
         try:
-            wait_work(dist.irecv(tensor, src=self.loader, tag=DATA_TAG), self.topo.backend, self.topo.timeout_s)
+            works = [dist.irecv(t, src=self.loader, tag=DATA_TAG) for t in tensors]
+            for work in works:
+                wait_work(work, self.topo.backend, max(deadline - time.perf_counter(), 0.001))
         except TransportTimeout:
             raise LoaderFailed(f"no {what} of step {step} from loader rank {self.loader} within "
                                f"{self.topo.timeout_s / 60:g} min (topology.timeout_minutes): is it hung?") from None
@@ -259,22 +315,20 @@ class BatchReceiver:
     def _receive_one(self, step: int) -> tuple[Batch, LoaderStats] | _End:
         device = self.topo.transport_device
         buf = torch.empty(HEADER_LEN, dtype=torch.int64, device=device)
-        self._recv(buf, "header", step)
+        self._recv([buf], "header", step)
         header = decode_header(buf, self.loader)
         if header.kind == DONE:
             return _End(None)
         if header.kind in (STOP, ERROR):
             msg = torch.empty(MESSAGE_BYTES, dtype=torch.uint8, device=device)
-            self._recv(msg, "message", step)
+            self._recv([msg], "message", step)
             verb = "failed" if header.kind == ERROR else "stopped"
             return _End(LoaderFailed(f"loader rank {self.loader} {verb} at step {header.step}: {decode_message(msg)}"))
         if header.step != step:
             return _End(LoaderFailed(f"loader rank {self.loader} sent step {header.step}, expected step {step} "
                                      f"(a lost or reordered batch)"))
-        tensors = [torch.empty(shape, dtype=dtype, device=device) for dtype, shape in header.specs]
-        for t in tensors:
-            if t.numel():  # empty tensors are announced, not sent
-                self._recv(t, "payload", step)
+        tensors = self._pool.tensors(header.specs)
+        self._recv([t for t in tensors if t.numel()], "payload", step)  # empty tensors are announced, not sent
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # the trainer's stream may use them right away
         stats = LoaderStats(loader_rank=self.loader, step=header.step, rows=header.rows, timings=header.timings,
@@ -396,10 +450,10 @@ class BatchSender:
     nothing for longer than the timeout.
     """
 
-    def __init__(self, topology: Topology, control: ControlChannel | None = None):
+    def __init__(self, topology: Topology, channel: str = "train"):
         self.topo = topology
         self.consumers = list(topology.consumers)
-        self.control = control if control is not None else ControlChannel(topology.rank)
+        self.control = ControlChannel(topology.rank, channel)
         self.in_flight: dict[int, deque[_Outgoing]] = {c: deque() for c in self.consumers}
         self.stopped: dict[int, int] = {}  # consumer -> step it stopped at
         self.finished: set[int] = set()  # consumers sent DONE / ERROR / STOP, or gone: nothing more goes to them
