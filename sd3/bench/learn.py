@@ -97,16 +97,22 @@ def validation_losses(pipe, samples: list, seed: int) -> dict[str, float]:
 
 
 def colour_accuracy(pipe, samples: list, args: argparse.Namespace) -> dict:
+    """Generate one image per held-out long caption, at that sample's size (images of one size in one batch)."""
     from sd3.sample.colour import classify
 
-    shape_hits, background_hits, images = 0, 0, []
+    by_size: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(samples):
-        result = pipe(s.recaption, cfg_scale=args.cfg, num_steps=args.steps, sampler=args.sampler,
-                      width=s.labels.width, height=s.labels.height, batch_size=1, seed=args.seed * 100_000 + i)
-        found = classify(result.images[0])
-        shape_hits += found.shape == s.labels.colour
-        background_hits += found.background == s.labels.background
-        images.append(result.images[0])
+        by_size.setdefault((s.labels.width, s.labels.height), []).append(i)
+    images: list = [None] * len(samples)
+    for (width, height), index in sorted(by_size.items()):
+        result = pipe([samples[i].recaption for i in index], cfg_scale=args.cfg, num_steps=args.steps,
+                      sampler=args.sampler, width=width, height=height, batch_size=1,
+                      seed=args.seed * 100_000 + index[0])
+        for i, image in zip(index, result.images):
+            images[i] = image
+    found = [classify(image) for image in images]
+    shape_hits = sum(f.shape == s.labels.colour for f, s in zip(found, samples))
+    background_hits = sum(f.background == s.labels.background for f, s in zip(found, samples))
     return {"colour_accuracy": shape_hits / len(samples), "background_accuracy": background_hits / len(samples),
             "images": images}
 

@@ -234,12 +234,15 @@ class Pipeline:
     def __call__(self, prompt: str | list[str], negative_prompt: str | None = None, cfg_scale: float | None = None,
                  num_steps: int | None = None, sampler: str | None = None, width: int | None = None,
                  height: int | None = None, batch_size: int | None = None, seed: int | None = None,
-                 return_intermediates: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> SampleResult:
-        """`batch_size` images per prompt, sampled together; unset arguments take the checkpoint's [sample] values.
+                 return_intermediates: bool = False, progress: Callable[[int, int], None] | None = None,
+                 max_batch: int = 16) -> SampleResult:
+        """`batch_size` images per prompt; unset arguments take the checkpoint's [sample] values.
 
-        seed -1 draws a random one. Image k of the call uses noise seeded with seed + k, so any image can be
-        re-made alone from the seed it reports. `progress(step, total)` is called after every sampler step.
+        Images of all prompts are denoised together, up to `max_batch` per forward. seed -1 draws a random seed.
+        Image k of the call starts from noise seeded with seed + k, so with the deterministic samplers (euler,
+        heun) any image can be re-made alone from the seed it reports; euler_stochastic also draws fresh noise
+        per step for the whole chunk, so its images repeat for the same call. `progress(step, total)` is called
+        after every sampler step.
         """
         s = self.cfg.sample
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -250,8 +253,8 @@ class Pipeline:
         width = s.width if width is None else width
         height = s.height if height is None else height
         batch_size = s.batch_size if batch_size is None else batch_size
-        if batch_size < 1 or num_steps < 1:
-            raise ValueError(f"batch_size ({batch_size}) and num_steps ({num_steps}) must be >= 1")
+        if batch_size < 1 or num_steps < 1 or max_batch < 1:
+            raise ValueError(f"batch_size ({batch_size}), num_steps ({num_steps}) and max_batch ({max_batch}) must be >= 1")
         seed = s.seed if seed is None else seed
         check_size(width, height, self.cfg.model.max_res)
         if seed < 0:
@@ -260,37 +263,38 @@ class Pipeline:
         # All prompts (and the negative one) are encoded in one visit of the text encoders to the device.
         with self.off_device(self.model):
             context_all, pooled_all = self.encode(prompts + [negative])  # (P+1, 2T, D), (P+1, P)
-        uncond_one = (context_all[-1:], pooled_all[-1:])
+        which = torch.arange(len(prompts)).repeat_interleave(batch_size)  # image k -> its prompt
+        seeds = [seed + k for k in range(len(which))]
+        chunks = [range(k, min(k + max_batch, len(which))) for k in range(0, len(which), max_batch)]
 
         down = self.cfg.model.vae_downsample
-        images, seeds, all_prompts, frames = [], [], [], []
-        for p_index, text in enumerate(prompts):
-            batch_seeds = [seed + p_index * batch_size + i for i in range(batch_size)]
-            context = context_all[p_index:p_index + 1].expand(batch_size, -1, -1)  # (B, 2T, D)
-            pooled = pooled_all[p_index:p_index + 1].expand(batch_size, -1)  # (B, P)
-            uncond = (uncond_one[0].expand(batch_size, -1, -1), uncond_one[1].expand(batch_size, -1))
+        images, frames = [], []
+        for c_index, chunk in enumerate(chunks):
+            b = len(chunk)
+            rows = which[chunk.start:chunk.stop]
+            context, pooled = context_all[rows], pooled_all[rows]  # (b, 2T, D), (b, P)
+            uncond = (context_all[-1:].expand(b, -1, -1), pooled_all[-1:].expand(b, -1))
             noise = torch.cat([
                 torch.randn(1, self.cfg.model.in_channels, height // down, width // down,
-                            generator=torch.Generator().manual_seed(s_i))
-                for s_i in batch_seeds]).to(self.device)  # (B, C, h, w) fp32, drawn on the CPU: same on any device
-            generator = torch.Generator(self.device).manual_seed(batch_seeds[0] + 1)  # stochastic samplers' noise
+                            generator=torch.Generator().manual_seed(seeds[k]))
+                for k in chunk]).to(self.device)  # (b, C, h, w) fp32, drawn on the CPU: same on any device
+            generator = torch.Generator(self.device).manual_seed(seeds[chunk.start] + 1)  # stochastic samplers' noise
             steps: list[torch.Tensor] = []
 
             def callback(info: dict) -> None:
                 if return_intermediates:
                     steps.append(info["x"].to("cpu", torch.float32))  # the noisy state after this step
                 if progress is not None:
-                    progress(p_index * num_steps + info["i"] + 1, len(prompts) * num_steps)
+                    progress(c_index * num_steps + info["i"] + 1, len(chunks) * num_steps)
 
             latents = self.denoise(noise, context, pooled, uncond, cfg_scale, num_steps, sampler, generator, callback)
             images += self.decode(latents)
-            seeds += batch_seeds
-            all_prompts += [text] * batch_size
             if return_intermediates:
-                decoded = self.decode(torch.cat(steps))  # [step * B + image]
-                frames += [decoded[i::batch_size] + [images[-batch_size + i]] for i in range(batch_size)]
+                decoded = self.decode(torch.cat(steps))  # [step * b + image]
+                frames += [decoded[i::b] + [images[-b + i]] for i in range(b)]
         settings = dict(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, width=width, height=height,
                         negative_prompt=negative, dtype=str(self.dtype).removeprefix("torch."))
+        all_prompts = [prompts[int(i)] for i in which]
         return SampleResult(images, seeds, all_prompts, frames if return_intermediates else None, settings)
 
     # -- device juggling -------------------------------------------------------------------------------------
