@@ -130,9 +130,8 @@ def run_loader(cfg: Config, topology: Topology, start_step: int) -> int:
         raise ValueError(f"rank {topology.rank} is a {topology.role} rank, not a loader")
     # A stop signal does not stop a loader: it is forwarded in the headers (FLAG_STOP_REQUESTED), the model ranks
     # agree on a step and checkpoint, then ask this loader to stop.
-    signals.install()
+    previous = signals.install()
     sender = BatchSender(topology)
-    producer: BatchProducer | None = None
     try:
         device = topology.device if cfg.encoders.device == "auto" else torch.device(cfg.encoders.device)
         global_batch = cfg.data.batch_size * len(topology.consumers)
@@ -141,8 +140,10 @@ def run_loader(cfg: Config, topology: Topology, start_step: int) -> int:
         text = f"{type(e).__name__}: {e}"
         log.error("loader rank %d failed to start: %s\n%s", topology.rank, text, traceback.format_exc())
         sender.send_error(text, start_step, kind=ERROR)
+        signals.restore(previous)
         return 1
     try:
         return serve(topology, sender, producer, start_step)
     finally:
         producer.close()
+        signals.restore(previous)

@@ -337,6 +337,8 @@ class BatchReceiver:
         return Batch(*tensors), stats
 
     def _receive_loop(self) -> None:
+        if self.topo.transport_device.type == "cuda":
+            torch.cuda.set_device(self.topo.transport_device)  # the current device is per thread
         step = self.start_step
         while True:
             try:

@@ -66,6 +66,8 @@ def test_torchrun_stream_exact_shapes_in_flight_bound_prefetch_and_stop(tmp_path
         assert not set(rows_a) & set(rows_b)
         assert sorted(rows_a + rows_b) == list(range(100 * a["step"], 100 * a["step"] + len(rows_a) + len(rows_b)))
     assert any(len(s["rows"]) == 0 for s in models[1]["seen"])  # an empty slice still arrives, shaped
+    # SIGUSR1 on the loader at step 6: every later header says so, and the loader kept serving to the end.
+    assert [m["first_flagged"] for m in models] == [6, 6]
 
 
 def test_torchrun_loader_exception_stops_the_job_naming_it(tmp_path):
@@ -78,7 +80,7 @@ def test_torchrun_loader_exception_stops_the_job_naming_it(tmp_path):
 @pytest.fixture(scope="module")
 def failures(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("failures")
-    scenarios = ["loader_error", "loader_kill", "loader_hang", "model_fail", "model_kill"]
+    scenarios = ["loader_error", "loader_start_error", "loader_kill", "loader_hang", "model_fail", "model_kill"]
     subprocess.run([sys.executable, str(WORKERS / "fork_jobs.py"), str(out), *scenarios], env=job_env(), check=True,
                    timeout=150, cwd=WORKERS)
     return out, json.loads((out / "summary.json").read_text())
@@ -96,6 +98,15 @@ def test_loader_exception_every_rank_exits_non_zero_naming_it(failures):
         assert status["returncode"] == 3 and status["elapsed"] < 60
         assert rep["message"] == "loader rank 0 failed at step 3: RuntimeError: boom in the stand-in producer"
         assert [s["step"] for s in rep["seen"]] == [0, 1, 2]  # everything sent before the failure was delivered
+
+
+def test_loader_that_cannot_start_tells_its_consumers(failures):
+    (loader, _), *models = ranks(failures, "loader_start_error")
+    assert loader["returncode"] == 1
+    for status, rep in models:
+        assert status["returncode"] == 3 and rep["seen"] == []
+        assert rep["message"].startswith("loader rank 0 failed at step 0: FileNotFoundError: bucket index ")
+        assert "run `sd3 create-indices` first" in rep["message"]
 
 
 def test_killed_loader_is_named_by_every_model_rank(failures):

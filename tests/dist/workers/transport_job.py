@@ -5,7 +5,8 @@ real loop (sd3.dist.loader.serve) with a stand-in producer of random Batches who
 buckets do); each model rank receives with the real BatchReceiver, checks every batch against the producer's
 own output, and writes what it saw to OUT_DIR/rank-R.json before exiting.
 
-Scenarios: ok (train STEPS steps, then stop), loader_error (the producer raises at step 3), loader_kill (the
+Scenarios: ok (train STEPS steps, then stop; the loader gets SIGUSR1 at step 6 and keeps serving, flagging its
+headers), loader_start_error (the real run_loader with a bucket index that does not exist), loader_error (the producer raises at step 3), loader_kill (the
 loader SIGKILLs itself at step 3), loader_hang (the loader sleeps at step 3), model_fail (rank 2 reports a failure
 at step 2 via fail()), model_kill (rank 2 SIGKILLs itself at step 2).
 """
@@ -24,9 +25,10 @@ import torch.distributed as dist
 
 from sd3.batch import Batch
 from sd3.config import Config
-from sd3.dist.loader import serve
+from sd3.dist.loader import run_loader, serve
 from sd3.dist.topology import exit_now, init_distributed
 from sd3.dist.transport import BatchReceiver, BatchSender, LoaderFailed
+from sd3.train import signals
 
 PER_RANK = 3
 BUCKETS = [(8, 8), (4, 12), (12, 4), (6, 6)]  # latent (h, w) per step, cycling: exact shapes must survive
@@ -62,7 +64,11 @@ def run(scenario: str, steps: int, out_dir: Path) -> int:
         (out_dir / f"rank-{topo.rank}.json").write_text(json.dumps(result))
         return rc
 
+    if topo.is_loader and scenario == "loader_start_error":
+        cfg.data.bucket_indices_path = str(out_dir / "no-such-index.npz")
+        return write(run_loader(cfg, topo, start_step=0))
     if topo.is_loader:
+        signals.install()
         sender = BatchSender(topo)
         max_seen = 0
         original_send = sender.send
@@ -82,6 +88,8 @@ def run(scenario: str, steps: int, out_dir: Path) -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
             if step == 3 and scenario == "loader_hang":
                 time.sleep(3600)
+            if step == 6 and scenario == "ok":
+                os.kill(os.getpid(), signal.SIGUSR1)  # pre-emption notice: forwarded, not obeyed
             return make_batch(step), {"decode": 0.001 * step, "vae": 0.002 * step}, {"decode_error": step}
 
         rc = serve(topo, sender, produce, start_step=0)
@@ -89,7 +97,7 @@ def run(scenario: str, steps: int, out_dir: Path) -> int:
         return write(rc)
 
     receiver = BatchReceiver(topo, start_step=0)
-    seen, prefetched = [], 0
+    seen, prefetched, first_flagged = [], 0, None
     try:
         for step in range(steps):
             if scenario == "model_fail" and topo.rank == 2 and step == 2:
@@ -103,6 +111,8 @@ def run(scenario: str, steps: int, out_dir: Path) -> int:
                 assert got.shape == want.shape and got.dtype == want.dtype, (step, got.shape, want.shape)
                 assert torch.equal(got, want), f"step {step}: payload differs"
             assert stats.step == step and stats.loader_rank == topo.my_loader
+            if stats.stop_requested and first_flagged is None:
+                first_flagged = step
             assert stats.skipped["decode_error"] == step and abs(stats.timings["vae"] - 0.002 * step) < 1e-5
             seen.append({"step": step, "rows": batch.row_ids.tolist(), "latents": list(batch.latents.shape)})
             # DDP's group works beside the transport.
@@ -121,7 +131,7 @@ def run(scenario: str, steps: int, out_dir: Path) -> int:
         result["cause"] = str(cause) if cause is not None else ""
         print(f"rank {topo.rank}: {e}", file=sys.stderr, flush=True)
         return write(3 if isinstance(e, LoaderFailed) else 5, str(e))
-    result.update(seen=seen, prefetched=prefetched)
+    result.update(seen=seen, prefetched=prefetched, first_flagged=first_flagged)
     return write(0)
 
 
