@@ -1,6 +1,6 @@
 """Distribution: rank roles and process groups (topology), Batch transport (transport), the loader-rank loop (loader)."""
 
-from sd3.dist.topology import Topology, TopologyError, init_distributed, shutdown_distributed
+from sd3.dist.topology import Topology, TopologyError, exit_now, init_distributed, shutdown_distributed
 from sd3.dist.transport import BatchReceiver, BatchSender, ConsumerFailed, LoaderFailed, LoaderStats
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "LoaderStats",
     "Topology",
     "TopologyError",
+    "exit_now",
     "init_distributed",
     "shutdown_distributed",
 ]

@@ -15,7 +15,9 @@ batch before `step`, stop" or CTRL_FAILED "this model rank is failing". The load
 consumer that dies is noticed by the loader's next send to it (connection closed).
 
 gloo completes an isend only once the receiver has posted the matching receive, so "sends not yet completed" is
-exactly "batches in flight", which `BatchSender` bounds by `topology.max_in_flight` per consumer.
+exactly "batches in flight", which `BatchSender` bounds by `topology.max_in_flight` per consumer. On the model
+side a receiving thread takes each batch as soon as it is sent (one batch ahead of the trainer, plus a one-slot
+queue), so batch k+1 travels while the trainer computes on batch k.
 """
 
 from __future__ import annotations
