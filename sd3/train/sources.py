@@ -199,7 +199,9 @@ def build_source(cfg: Config, topology, device: torch.device, start_step: int) -
     if mode == "loader":
         return RemoteSource(topology, start_step)
     if mode == "colocated":
-        return ColocatedSource(cfg, topology.loader_index, topology.num_loaders, device, start_step)
+        # encoders.device=auto shares the model's device; an explicit one (e.g. cpu, to save GPU memory) is kept.
+        encoder_device = device if cfg.encoders.device == "auto" else torch.device(cfg.encoders.device)
+        return ColocatedSource(cfg, topology.loader_index, topology.num_loaders, encoder_device, start_step)
     if mode == "cached":
         return CachedSource(cfg, topology.loader_index, topology.num_loaders, start_step)
     raise ValueError(f"topology.mode '{mode}' is not one of loader, colocated, cached")
