@@ -199,8 +199,8 @@ def build_source(cfg: Config, topology, device: torch.device, start_step: int) -
     if mode == "loader":
         return RemoteSource(topology, start_step)
     if mode == "colocated":
-        # encoders.device=auto shares the model's device; an explicit one (e.g. cpu, to save GPU memory) is kept.
-        encoder_device = device if cfg.encoders.device == "auto" else torch.device(cfg.encoders.device)
+        # The encoders share this rank's device, unless encoders.device=cpu keeps them off the GPU (to save memory).
+        encoder_device = torch.device("cpu") if cfg.encoders.device == "cpu" else device
         return ColocatedSource(cfg, topology.loader_index, topology.num_loaders, encoder_device, start_step)
     if mode == "cached":
         return CachedSource(cfg, topology.loader_index, topology.num_loaders, start_step)
