@@ -25,6 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
+def human(value: float, units: list[str]) -> str:
+    """1249899331 -> '1.250 B' with units for powers of 1000."""
+    power = 0
+    while abs(value) >= 1000 and power < len(units) - 1:
+        value, power = value / 1000, power + 1
+    return f"{value:.3f}{units[power]}"
+
+
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     height = args.height or cfg.sample.height
@@ -53,9 +61,9 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps({**info, "resolved_config": cfg.to_dict()}, sort_keys=True))
         return 0
     print(f"config            {args.config}")
-    print(f"parameters        {info['parameters']:,} ({info['parameters'] / 1e9:.3f} B)")
+    print(f"parameters        {info['parameters']:,} ({human(info['parameters'], ['', ' K', ' M', ' B'])})")
     print(f"resolution        {height}x{width} px: {tokens} image tokens + {info['text_tokens']} text tokens")
-    print(f"train FLOPs/image {info['train_flops_per_image']:.4g} ({info['train_flops_per_image'] / 1e12:.3f} TFLOP)")
+    print(f"train FLOPs/image {info['train_flops_per_image']:.4g} ({human(info['train_flops_per_image'], [' FLOP', ' kFLOP', ' MFLOP', ' GFLOP', ' TFLOP', ' PFLOP'])})")
     print(f"attention backend {backend}")
     print("resolved config:")
     print(cfg.to_json())
