@@ -1,10 +1,11 @@
 """`sd3 bench model`: forward+backward time of our MMDiT vs diffusers' SD3Transformer2DModel.
 
 Both models get the same batch (latents, timesteps, 154 text tokens, pooled text), both train in fp32 weights
-under bf16 autocast and in plain fp32. diffusers' depth and width are chosen so its parameter count matches ours
-within a few percent (its blocks have a GELU MLP and separate Q/K/V linears; ours SwiGLU and fused QKV), with the
+under bf16 autocast and in plain fp32. diffusers gets our width and head count and the depth whose parameter count
+is closest to ours (its blocks have a GELU MLP and separate Q/K/V linears: 36·D² weights against our 45·D²), with the
 same per-head QK RMSNorm (`qk_norm="rms_norm"`, as in SD3.5). Runs alternate A B A B ... in one process after a
-warm-up, and the medians are compared, so load from other processes on the machine hits both alike.
+warm-up, and the medians are compared, so load from other processes on the machine hits both alike. Wall time and
+process CPU time are both reported: on a shared machine the CPU-time ratio is the steadier of the two.
 """
 
 from __future__ import annotations
