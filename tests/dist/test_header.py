@@ -40,3 +40,4 @@ def test_malformed_header_names_the_peer():
 def test_message_round_trip_and_truncation():
     assert decode_message(encode_message("ValueError: bad row — ü")) == "ValueError: bad row — ü"
     assert len(decode_message(encode_message("x" * 10_000))) == 2048
+

@@ -41,7 +41,7 @@ def make_batch(step: int) -> Batch:
     n = 2 * PER_RANK - (step % 3 == 1)  # sometimes odd: the split is uneven
     if step % 7 == 5:
         n = 1  # one consumer gets an empty slice
-    h, w = BUCKETS[step % len(BUCKETS)]
+    h, w = BUCKETS[step % len(BUCKETS)] if step != 9 else (160, 160)  # step 9: a large batch (> 1 MB per slice)
     return Batch(
         torch.randn(n, C, h, w, generator=g),  # (B, C, h, w)
         torch.randn(n, 2 * T, D, generator=g).to(torch.bfloat16),  # (B, 2T, D)
