@@ -382,21 +382,28 @@ class BatchReceiver:
     def stop(self, step: int) -> None:
         """Tell the loader this rank consumed every batch before `step` and wants no more; drain what is in flight.
 
-        Batches already sent are received and dropped until the loader's DONE, so no send is left hanging.
-        Bounded by the timeout. Never raises for a loader that is already gone (logged): training is over.
+        Batches already sent are received and dropped until the loader's DONE, so no send is left hanging. Bounded
+        by the timeout. Raises LoaderFailed when the loader failed or vanished instead of acknowledging (e.g. killed
+        while the model ranks were stopping): the run then ends non-zero, naming it, after its checkpoint.
         """
         if self.closed:
             return
         self.closed = True
-        self.control.tell(self.topo.rank, CTRL_STOP, step)
+        unreachable: Exception | None = None
+        try:
+            self.control.tell(self.topo.rank, CTRL_STOP, step)
+        except Exception as e:  # the store may have gone with the rank that hosted it
+            unreachable = e
         deadline = time.perf_counter() + self.topo.timeout_s + 60.0
         while True:
             item = self._get(deadline)
             if isinstance(item, _End):
-                if item.error is not None:
-                    log.warning("while stopping: %s", item.error)
                 break
         self._thread.join(timeout=5.0)
+        if item.error is not None:
+            raise item.error
+        if unreachable is not None:
+            raise LoaderFailed(f"could not ask loader rank {self.loader} to stop: {_first_line(unreachable)}")
 
     def fail(self, message: str = "") -> None:
         """Best effort, never blocks for long: tell the loader this model rank is failing, so it stops the others.

@@ -80,7 +80,8 @@ def test_torchrun_loader_exception_stops_the_job_naming_it(tmp_path):
 @pytest.fixture(scope="module")
 def failures(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("failures")
-    scenarios = ["loader_error", "loader_start_error", "loader_kill", "loader_hang", "model_fail", "model_kill"]
+    scenarios = ["loader_error", "loader_start_error", "loader_kill", "loader_hang", "model_fail", "model_kill",
+                 "stop_lost"]
     subprocess.run([sys.executable, str(WORKERS / "fork_jobs.py"), str(out), *scenarios], env=job_env(), check=True,
                    timeout=150, cwd=WORKERS)
     return out, json.loads((out / "summary.json").read_text())
@@ -135,3 +136,11 @@ def test_a_failed_or_dead_model_rank_stops_its_loader(failures, scenario):
     assert loader["returncode"] == 1 and loader["elapsed"] < 60
     assert other["returncode"] not in (0, None) and other["elapsed"] < 60
     assert "model rank 2" in (out / scenario / "rank-0.err").read_text()
+
+
+def test_stop_reports_a_loader_that_vanished_instead_of_acknowledging(failures):
+    (loader, _), *models = ranks(failures, "stop_lost")
+    assert loader["returncode"] == -9
+    for status, rep in models:
+        assert status["returncode"] == 3
+        assert rep["message"].startswith("lost loader rank 0 while receiving")

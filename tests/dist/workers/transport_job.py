@@ -8,7 +8,8 @@ own output, and writes what it saw to OUT_DIR/rank-R.json before exiting.
 Scenarios: ok (train STEPS steps, then stop; the loader gets SIGUSR1 at step 6 and keeps serving, flagging its
 headers), loader_start_error (the real run_loader with a bucket index that does not exist), loader_error (the producer raises at step 3), loader_kill (the
 loader SIGKILLs itself at step 3), loader_hang (the loader sleeps at step 3), model_fail (rank 2 reports a failure
-at step 2 via fail()), model_kill (rank 2 SIGKILLs itself at step 2).
+at step 2 via fail()), model_kill (rank 2 SIGKILLs itself at step 2), stop_lost (the model ranks ask to stop
+at step 5 after the loader SIGKILLed itself producing step 8).
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def run(scenario: str, steps: int, out_dir: Path) -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
             if step == 3 and scenario == "loader_hang":
                 time.sleep(3600)
+            if step == 8 and scenario == "stop_lost":
+                os.kill(os.getpid(), signal.SIGKILL)
             if step == 6 and scenario == "ok":
                 os.kill(os.getpid(), signal.SIGUSR1)  # pre-emption notice: forwarded, not obeyed
             return make_batch(step), {"decode": 0.001 * step, "vae": 0.002 * step}, {"decode_error": step}
@@ -105,6 +108,9 @@ def run(scenario: str, steps: int, out_dir: Path) -> int:
                 return write(4, "stand-in trainer error")
             if scenario == "model_kill" and topo.rank == 2 and step == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if scenario == "stop_lost" and step == 5:
+                time.sleep(1.0)  # the loader dies meanwhile
+                receiver.stop(step)  # must not report a clean stop
             batch, stats = receiver.next()
             expected = make_batch(step).split(2)[topo.consumer_index]
             for got, want in zip(batch.tensors(), expected.tensors()):
