@@ -34,7 +34,7 @@ WARMUP_STEPS = 3
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny-cpu", help="preset (default tiny-cpu)")
     parser.add_argument("--steps", type=int, default=30, help="training steps per model rank (first 3 are warm-up)")
-    parser.add_argument("--rounds", type=int, default=7, help="transport rounds per size and method")
+    parser.add_argument("--rounds", type=int, default=21, help="transport rounds per size and method (median)")
     parser.add_argument("--ref-batch", type=int, default=140, help="reference batch per model rank (0 = skip)")
     parser.add_argument("--workdir", default="data/bench-pipeline", help="tiny models + shapes data (made if missing)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
