@@ -15,7 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-weights", default=str(TINY_VAE_WEIGHTS),
                         help="tiny VAE weights to start from (default: the ones shipped in sd3/assets); 'none' = random")
     parser.add_argument("--train-vae-steps", type=int, default=0,
-                        help="train the tiny VAE on synthetic shapes for this many steps (0 = keep the weights)")
+                        help="train the tiny VAE on synthetic shapes for this many steps, starting from --vae-weights "
+                             "(0 = keep the weights as they are)")
+    parser.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the VAE training")
+    parser.add_argument("--vae-batch", type=int, default=16, help="images per VAE training step")
+    parser.add_argument("--vae-crop", type=int, default=32,
+                        help="train on random CROPxCROP crops of the shapes images (0 = whole images)")
     parser.add_argument("--save-asset", default="",
                         help="with --train-vae-steps: also write the trained VAE weights to this .safetensors file "
                              "(how sd3/assets/tiny_vae.safetensors is made)")
@@ -34,7 +39,8 @@ def main(args: argparse.Namespace) -> int:
     if args.train_vae_steps > 0:
         from sd3.encoders.tiny_vae import train_and_install
 
-        psnr = train_and_install(out, steps=args.train_vae_steps, seed=args.seed, asset=args.save_asset or None)
+        psnr = train_and_install(out, steps=args.train_vae_steps, seed=args.seed, asset=args.save_asset or None,
+                                 lr=args.vae_lr, batch_size=args.vae_batch, crop=args.vae_crop)
         print(f"tiny VAE trained for {args.train_vae_steps} steps: held-out shapes PSNR {psnr:.2f} dB")
     print(f"tiny models written to {out} (metaclip/, gemma/, modernbert/, flux/vae/)"
           + ("" if weights or args.train_vae_steps else "; the VAE is random (no trained weights)"))

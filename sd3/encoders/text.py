@@ -54,7 +54,7 @@ class TextEncoders:
         self.dtype = gemma.dtype
         self.text_dims = [gemma.config.hidden_size, bert.config.hidden_size]
         self.context_dim = max(self.text_dims)
-        self.pooled_dim = clip.config.projection_dim
+        self.pooled_dim = clip.text_projection.out_features
         self.parts = {"gemma": slice(0, text_tokens), "bert": slice(text_tokens, 2 * text_tokens)}
         # CLIP reads its own window (77 for Meta-CLIP), independent of T: only its pooled vector is used.
         self.clip_tokens = clip.config.max_position_embeddings

@@ -66,7 +66,7 @@ TINY_VAE_CONFIG = dict(
     sample_size=64,
     use_quant_conv=False,  # as FLUX.1's VAE
     use_post_quant_conv=False,
-    mid_block_add_attention=True,
+    mid_block_add_attention=False,  # fully convolutional: trained on crops, used on whole images of any bucket
     scaling_factor=1.0,  # replaced by the shipped/trained statistics (1/std and mean of the latents)
     shift_factor=0.0,
 )
