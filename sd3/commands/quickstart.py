@@ -173,9 +173,13 @@ def sample(paths: Paths, args: argparse.Namespace) -> Path:
     print("[6/6] sample ...", flush=True)
     pipe = Pipeline.from_checkpoint(paths.run, device="cpu", dtype="bf16")
     prompts = args.prompt or list(PROMPTS)
-    bar = tqdm(total=len(prompts) * args.sample_steps, desc="sampling", unit="step")
-    result = pipe(prompts, cfg_scale=args.cfg, num_steps=args.sample_steps, batch_size=1, seed=0,
-                  progress=lambda step, total: bar.update(step - bar.n))
+    bar = tqdm(total=args.sample_steps, desc="sampling", unit="step")
+
+    def progress(step: int, total: int) -> None:
+        bar.total = total
+        bar.update(step - bar.n)
+
+    result = pipe(prompts, cfg_scale=args.cfg, num_steps=args.sample_steps, batch_size=1, seed=0, progress=progress)
     bar.close()
     scale = max(1, 128 // max(result.images[0].size))  # 64 px images are small on screen
     images = [im.resize((im.width * scale, im.height * scale)) for im in result.images]
