@@ -18,9 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train the tiny VAE on synthetic shapes for this many steps, starting from --vae-weights "
                              "(0 = keep the weights as they are)")
     parser.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the VAE training")
-    parser.add_argument("--vae-batch", type=int, default=16, help="images per VAE training step")
-    parser.add_argument("--vae-crop", type=int, default=32,
-                        help="train on random CROPxCROP crops of the shapes images (0 = whole images)")
+    parser.add_argument("--vae-batch", type=int, default=8, help="images per VAE training step")
+    parser.add_argument("--vae-crop", type=int, default=0,
+                        help="train on random CROPxCROP crops of the shapes images (cheaper per step; "
+                             "default 0 = whole images, which reconstruct whole images best)")
     parser.add_argument("--save-asset", default="",
                         help="with --train-vae-steps: also write the trained VAE weights to this .safetensors file "
                              "(how sd3/assets/tiny_vae.safetensors is made)")
