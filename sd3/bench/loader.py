@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=512, help="rows of the shapes dataset made when no --folder")
     parser.add_argument("--steps", type=int, default=8, help="timed batches (after one warm-up batch)")
     parser.add_argument("--batch", type=int, default=0, help="rows per batch (default: batch_size x models_per_loader)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's default)")
 
 
 def ensure_tiny_models(cfg: Config, tmp: Path) -> str:
@@ -63,6 +64,8 @@ def main(args: argparse.Namespace) -> int:
     from sd3.encoders.conditioner import PARTS, Conditioner
 
     cfg = load_config(args.config, args.overrides)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="sd3-bench-loader-") as tmp_name:
         tmp = Path(tmp_name)
         models = ensure_tiny_models(cfg, tmp)
