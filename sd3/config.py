@@ -90,6 +90,9 @@ class EncodersConfig:
     vae_dtype: str = "bf16"
     device: str = "auto"  # auto | cpu | cuda; auto = this rank's GPU when there is one
     batch_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the Batch floats a loader sends (latents, context, pooled)
+    # torch CPU threads set by the Conditioner when it runs on cpu; 0 = torch's default. On a shared CPU one thread
+    # per process avoids OpenMP threads spinning against each other (`sd3 bench loader`: 426 vs 15 images/s).
+    cpu_threads: int = 0
 
 
 @dataclass

@@ -30,6 +30,8 @@ class Conditioner:
     def __init__(self, cfg: Config, device: torch.device | str = "auto") -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
         enc = cfg.encoders
+        if self.device.type == "cpu" and enc.cpu_threads > 0:
+            torch.set_num_threads(enc.cpu_threads)
         self.text = TextEncoders.load(enc, cfg.model.text_tokens, self.device)
         self.vae = LatentVAE.load(enc.vae, enc.vae_subfolder, self.device, enc.vae_dtype, with_decoder=False)
         self.batch_dtype = resolve_dtype(enc.batch_dtype)
