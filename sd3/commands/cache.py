@@ -47,7 +47,7 @@ def write_cache(cfg: Config, num_loaders: int, max_steps: int) -> int:
     import torch.distributed as dist
 
     from sd3.data.cached import CacheWriter
-    from sd3.train.sources import Encoder
+    from sd3.encoders.producer import BatchProducer
 
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
@@ -55,29 +55,29 @@ def write_cache(cfg: Config, num_loaders: int, max_steps: int) -> int:
     try:
         writer = CacheWriter(cfg.topology.cache_folder)
         skipped: dict[str, int] = {}
-        encoder = None
+        producer = None
         for loader_index in range(rank, num_loaders, world):
-            encoder = Encoder(cfg, loader_index, num_loaders, cfg.encoders.device)
-            steps = encoder.sampler.batches_per_epoch
+            producer = BatchProducer(cfg, cfg.data.batch_size, loader_index, num_loaders, cfg.encoders.device)
+            steps = producer.sampler.batches_per_epoch
             if max_steps > 0:
                 steps = min(steps, max_steps)
             for step in tqdm(range(steps), desc=f"cache loader {loader_index}/{num_loaders}", disable=rank != 0):
                 if writer.has(loader_index, step):
                     continue
-                batch = encoder.encode(step)
+                batch = producer(step)[0].to("cpu")
                 if len(batch):
-                    writer.write(loader_index, step, encoder.sampler.batch(step).bucket, batch)
-            for reason, n in encoder.skipped.items():
+                    writer.write(loader_index, step, producer.sampler.batch(step).bucket, batch)
+            for reason, n in producer.skipped.items():
                 skipped[reason] = skipped.get(reason, 0) + n
-            encoder.close()
+            producer.close()
         if world > 1:
             dist.barrier()
-        if rank == 0 and encoder is not None:
+        if rank == 0 and producer is not None:
             m = cfg.model
             manifest = writer.finish({
                 "parquet_folder": str(cfg.data.parquet_folder),
-                "index_rows": encoder.index.num_rows,
-                "buckets": list(encoder.index.buckets),
+                "index_rows": producer.index.num_rows,
+                "buckets": list(producer.index.buckets),
                 "seed": cfg.data.seed,
                 "batch_size": cfg.data.batch_size,
                 "num_loaders": num_loaders,

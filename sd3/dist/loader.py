@@ -14,9 +14,7 @@ fails or vanishes makes it send STOP to the others. Either way it returns non-ze
 from __future__ import annotations
 
 import logging
-import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -25,76 +23,13 @@ from sd3.batch import Batch
 from sd3.config import Config
 from sd3.dist.topology import Topology
 from sd3.dist.transport import ERROR, FLAG_STOP_REQUESTED, STOP, BatchSender, ConsumerFailed
+from sd3.encoders.producer import BatchProducer
 from sd3.train import signals
 
 log = logging.getLogger(__name__)
 
 # produce(step) -> (global batch of that step, cumulative timings in seconds, cumulative skipped rows by reason)
 Produce = Callable[[int], tuple[Batch, dict[str, float], dict[str, int]]]
-
-
-class BatchProducer:
-    """The global batch of each sampler step of one loader, encoded on `device`.
-
-    Rows are read and decoded in a worker thread one step ahead of the encoders. The VAE posterior sample of
-    step k is drawn with a generator seeded by the sampler's seed_for_step(k), as in colocated mode, so the
-    same (seed, loader_index, num_loaders, step) gives the same batch in every mode.
-    """
-
-    def __init__(self, cfg: Config, global_batch: int, loader_index: int, num_loaders: int, device: torch.device):
-        from sd3.data.batches import RowLoader, empty_counts
-        from sd3.data.index import BucketIndex
-        from sd3.data.sampler import BucketBatchSampler
-        from sd3.encoders.conditioner import Conditioner
-
-        self.cfg = cfg
-        index = BucketIndex.load(cfg.data.bucket_indices_path, cfg.data.parquet_folder)
-        self.sampler = BucketBatchSampler(index, global_batch, cfg.data.seed, loader_index, num_loaders,
-                                          cfg.data.min_bucket_size)
-        self.rows = RowLoader(cfg.data.parquet_folder, cfg.data, row_counts=index.manifest["rows"])
-        self.conditioner = Conditioner(cfg, device)
-        self.decode_s = 0.0
-        self.skipped = empty_counts()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="loader-decode")
-        self._pending: dict[int, Future] = {}
-
-    def _decode(self, step: int):
-        start = time.perf_counter()
-        planned = self.sampler.batch(step)
-        raw = self.rows.load(planned)
-        # Snapshot here, in the worker: the counters of step k are final before step k+1 is decoded.
-        return planned, raw, time.perf_counter() - start, dict(self.rows.counters)
-
-    def _submit(self, step: int) -> None:
-        if step not in self._pending:
-            self._pending[step] = self._pool.submit(self._decode, step)
-
-    def __call__(self, step: int) -> tuple[Batch, dict[str, float], dict[str, int]]:
-        self._submit(step)
-        planned, raw, seconds, skipped = self._pending.pop(step).result()
-        self._submit(step + 1)
-        self.decode_s += seconds
-        self.skipped = skipped
-        if len(raw) == 0:  # every row of the step was bad: an empty batch of the bucket's shapes
-            batch = self._empty(planned.height, planned.width)
-        else:
-            generator = torch.Generator(device=self.conditioner.device).manual_seed(planned.seed_for_step)
-            batch = self.conditioner(raw, generator)
-        return batch, {"decode": self.decode_s, **self.conditioner.timings}, dict(self.skipped)
-
-    def _empty(self, height: int, width: int) -> Batch:
-        m, dtype, device = self.cfg.model, self.conditioner.batch_dtype, self.conditioner.device
-        h, w = height // m.vae_downsample, width // m.vae_downsample
-        return Batch(
-            torch.zeros(0, m.in_channels, h, w, dtype=dtype, device=device),  # (0, C, h, w)
-            torch.zeros(0, 2 * m.text_tokens, m.context_dim, dtype=dtype, device=device),  # (0, 2T, D)
-            torch.zeros(0, m.pooled_dim, dtype=dtype, device=device),  # (0, P)
-            torch.zeros(0, dtype=torch.int64, device=device),  # (0,)
-        )
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self.rows.close()
 
 
 def serve(topology: Topology, sender: BatchSender, produce: Produce, start_step: int) -> int:

@@ -58,76 +58,31 @@ def empty_batch(cfg: Config, height: int, width: int) -> Batch:
     )
 
 
-def build_sampler(cfg: Config, loader_index: int, num_loaders: int, global_batch: int):
-    """The bucket sampler of one loader over cfg.data's shards (checks the index still matches the folder)."""
-    from sd3.data.index import BucketIndex
-    from sd3.data.sampler import BucketBatchSampler
-
-    index = BucketIndex.load(cfg.data.bucket_indices_path, cfg.data.parquet_folder)
-    sampler = BucketBatchSampler(
-        index, global_batch, cfg.data.seed, loader_index, num_loaders, cfg.data.min_bucket_size
-    )
-    return index, sampler
-
-
-class Encoder:
-    """RowLoader + Conditioner: a sampler step -> the Batch a model rank trains on. Shared by colocated and cache."""
-
-    def __init__(self, cfg: Config, loader_index: int, num_loaders: int, device: torch.device | str):
-        from sd3.data.batches import RowLoader
-        from sd3.encoders.conditioner import Conditioner
-
-        self.cfg = cfg
-        self.index, self.sampler = build_sampler(cfg, loader_index, num_loaders, cfg.data.batch_size)
-        self.rows = RowLoader(cfg.data.parquet_folder, cfg.data, row_counts=self.index.manifest["rows"])
-        self.conditioner = Conditioner(cfg, device)
-        self.decode_s = 0.0
-
-    def encode(self, step: int) -> Batch:
-        planned = self.sampler.batch(step)
-        start = time.perf_counter()
-        raw = self.rows.load(planned)
-        self.decode_s += time.perf_counter() - start
-        if len(raw) == 0:
-            return empty_batch(self.cfg, planned.height, planned.width)
-        # The sampler's per-step seed drives the VAE posterior sample, exactly as on a loader rank.
-        gen = torch.Generator(device=self.conditioner.device).manual_seed(planned.seed_for_step)
-        return self.conditioner(raw, gen).to("cpu")
-
-    @property
-    def timings(self) -> dict[str, float]:
-        return {"decode": self.decode_s, **self.conditioner.timings}
-
-    @property
-    def skipped(self) -> dict[str, int]:
-        return dict(self.rows.counters)
-
-    def close(self) -> None:
-        self.rows.close()
-
-
 class ColocatedSource:
-    """Encoders in the model's process. Step k+1 is encoded in a worker thread while the model trains on step k
-    (torch releases the GIL in its kernels), the in-process analogue of the loader ranks' prefetch."""
+    """Encoders in the model's process (the loader rank's BatchProducer, run here). Step k+1 is encoded in a
+    worker thread while the model trains on step k (torch releases the GIL in its kernels), the in-process
+    analogue of the loader ranks' prefetch."""
 
     def __init__(self, cfg: Config, loader_index: int, num_loaders: int, device: torch.device, start_step: int):
-        self.encoder = Encoder(cfg, loader_index, num_loaders, device)
+        from sd3.encoders.producer import BatchProducer
+
+        self.producer = BatchProducer(cfg, cfg.data.batch_size, loader_index, num_loaders, device)
         self.num_loaders = num_loaders
         self.step = start_step
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="colocated-encoder")
-        self.pending: Future[Batch] = self.pool.submit(self.encoder.encode, self.step)
+        self.pending: Future = self.pool.submit(self.producer, self.step)
 
     def next(self) -> tuple[Batch, SourceStats]:
-        batch = self.pending.result()
+        batch, timings, skipped = self.pending.result()
         step = self.step
         self.step += 1
-        self.pending = self.pool.submit(self.encoder.encode, self.step)
-        return batch, SourceStats(step, self.encoder.timings, self.encoder.skipped)
+        self.pending = self.pool.submit(self.producer, self.step)
+        return batch, SourceStats(step, timings, skipped)
 
     def stop(self, step: int) -> None:
         self.pending.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.encoder.close()
+        self.producer.close()
 
     def fail(self, message: str) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -138,6 +93,7 @@ class CachedSource:
 
     def __init__(self, cfg: Config, loader_index: int, num_loaders: int, start_step: int):
         from sd3.data.cached import CacheReader
+        from sd3.encoders.producer import build_sampler
 
         self.cfg = cfg
         self.index, self.sampler = build_sampler(cfg, loader_index, num_loaders, cfg.data.batch_size)
