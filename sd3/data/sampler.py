@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from sd3.data.index import BucketIndex
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,6 @@
 """create-indices lists every valid row exactly once, loads without pickle, and notices a changed folder."""
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -97,7 +96,7 @@ def test_reader_is_picklable_and_checks_columns(shapes_phase):
 
 def test_reader_reads_only_the_needed_row_groups(tmp_path, monkeypatch):
     rows = [helpers.phase_row(helpers.solid_png(), caption=f"row {i}") for i in range(40)]
-    path = helpers.write_phase_shard(tmp_path / "a.parquet", rows, row_group_rows=8)
+    helpers.write_phase_shard(tmp_path / "a.parquet", rows, row_group_rows=8)
     calls = []
     original = pq.ParquetFile.read_row_group
 

@@ -124,7 +124,6 @@ def test_bert_padding_columns_are_ignored():
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    cfg = tiny_config()
     torch.manual_seed(0)
     plain = build_model(tiny_config())
     perturb_zero_init(plain)

@@ -62,7 +62,7 @@ def main() -> int:
             procs[start_rank(scenario, rank, port, out_dir)] = (scenario, rank)
     summary: dict[str, dict[str, dict]] = {s: {} for s in scenarios}
     models_done_at: dict[str, float] = {}
-    while len(summary_done := [1 for s in summary.values() for _ in s]) < len(procs):
+    while sum(len(s) for s in summary.values()) < len(procs):
         now = time.perf_counter() - start
         for pid, (scenario, rank) in procs.items():
             if str(rank) in summary[scenario]:
