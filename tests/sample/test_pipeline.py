@@ -66,9 +66,13 @@ def test_cfg_scale_zero_is_the_conditional_only_path(pipe):
     by_hand = pipe.decode(latents)[0]
     assert np.array_equal(pixels(via_pipeline.images[0]), pixels(by_hand))
 
-    # And guidance does change the image: the trained model is not blind to the prompt.
-    guided = pipe(prompt, cfg_scale=4.0, seed=seed, sampler="euler", **SIZE)
-    assert np.abs(pixels(guided.images[0]) - pixels(by_hand)).max() > 0
+    # And guidance has something to amplify: the model's velocity depends on the prompt. (Compared before the
+    # VAE: after 4 training steps, mostly averaged away by the EMA, the difference can vanish in 8-bit pixels.)
+    x, t = noise.to(torch.bfloat16), torch.full((1,), 0.5)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        v_cond = pipe.model(x, t, context, pooled).float()
+        v_uncond = pipe.model(x, t, torch.zeros_like(context), torch.zeros_like(pooled)).float()
+    assert (v_cond - v_uncond).abs().max() > 0
 
 
 @pytest.mark.parametrize("width,height,culprit", [(50, 32, "width 50"), (48, 20, "height 20"), (0, 32, "width 0")])
