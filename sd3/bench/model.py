@@ -18,10 +18,10 @@ import torch
 
 from sd3.bench import print_result
 from sd3.config import ModelConfig
+from sd3.devices import resolve_dtype
 from sd3.model import build_model
 from sd3.model.flops import count_parameters
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
         "theirs_dim": 64 * heads, "theirs_layers": layers, "repeats": args.repeats, "threads": torch.get_num_threads(),
     }
     for name in args.dtypes.split(","):
-        dtype = DTYPES[name]
+        dtype = resolve_dtype(name)
         times: dict[str, list[tuple[float, float]]] = {"ours": [], "theirs": []}
         for i in range(args.warmup + args.repeats):
             for who in ("ours", "theirs") if i % 2 == 0 else ("theirs", "ours"):  # alternate who goes first

@@ -115,8 +115,8 @@ def measure_memory(args: argparse.Namespace) -> int:
 
     from sd3.config import load_config
     from sd3.encoders.vae import LatentVAE
-    from sd3.sample.pipeline import (Pipeline, build_in_dtype, check_size, drop_vae_encoder, resolve_device,
-                                     resolve_dtype)
+    from sd3.devices import resolve_device, resolve_dtype
+    from sd3.sample.pipeline import Pipeline, build_in_dtype, check_size, drop_vae_encoder
 
     cfg = load_config(args.measure_memory)
     width, height = args.width or 512, args.height or 512

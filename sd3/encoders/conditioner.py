@@ -9,7 +9,8 @@ import torch
 
 from sd3.batch import Batch
 from sd3.config import Config
-from sd3.encoders.hub import EncoderLoadError, resolve_device, resolve_dtype
+from sd3.devices import resolve_device
+from sd3.encoders.hub import EncoderLoadError, resolve_dtype
 from sd3.encoders.text import TextEncoders
 from sd3.encoders.timing import timed
 from sd3.encoders.vae import LatentVAE
@@ -28,7 +29,7 @@ class Conditioner:
     """
 
     def __init__(self, cfg: Config, device: torch.device | str = "auto") -> None:
-        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.device = resolve_device(device)
         enc = cfg.encoders
         if self.device.type == "cpu" and enc.cpu_threads > 0:
             torch.set_num_threads(enc.cpu_threads)

@@ -1,4 +1,4 @@
-"""Loading frozen models from a hub id or a local folder: the hub token, dtype/device names, one-line errors.
+"""Loading frozen models from a hub id or a local folder: the hub token, dtype names, one-line errors.
 
 The token is read from `.env` (python-dotenv, key HF_TOKEN) or the environment and handed to `from_pretrained`
 as `token=`; it is never printed, logged or stored. `trust_remote_code` is never passed: every model used here
@@ -18,11 +18,7 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as hf_logging
 
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}
+from sd3 import devices
 
 
 class EncoderLoadError(RuntimeError):
@@ -37,19 +33,11 @@ def hub_token() -> str | None:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise EncoderLoadError(f"unknown dtype '{name}' (expected fp32, bf16 or fp16)")
-    return DTYPES[name]
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` = this process's GPU (LOCAL_RANK under torchrun, else the current CUDA device) when there is one, else cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())) % torch.cuda.device_count()
-    return torch.device("cuda", index)
+    """An encoder dtype name -> torch dtype; an unknown name is an EncoderLoadError like every other loading problem."""
+    try:
+        return devices.resolve_dtype(name)
+    except ValueError as e:
+        raise EncoderLoadError(str(e)) from None
 
 
 def _is_gated(error: BaseException) -> bool:

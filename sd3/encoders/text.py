@@ -20,7 +20,8 @@ from transformers import (
 )
 
 from sd3.config import EncodersConfig
-from sd3.encoders.hub import load_pretrained, resolve_device, resolve_dtype
+from sd3.devices import resolve_device
+from sd3.encoders.hub import load_pretrained, resolve_dtype
 from sd3.encoders.timing import timed
 
 
@@ -61,7 +62,7 @@ class TextEncoders:
 
     @classmethod
     def load(cls, cfg: EncodersConfig, text_tokens: int, device: torch.device | str = "auto") -> "TextEncoders":
-        device = resolve_device(device) if isinstance(device, str) else device
+        device = resolve_device(device)
         dtype = resolve_dtype(cfg.text_dtype)
         clip = load_pretrained(CLIPTextModelWithProjection.from_pretrained, "encoders.clip", cfg.clip, dtype=dtype)
         # transformers 5 runs Gemma-2 with eager attention only (its logit soft-capping is not in SDPA).

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
-from sd3.encoders.hub import EncoderLoadError, load_pretrained, resolve_device, resolve_dtype
+from sd3.devices import resolve_device
+from sd3.encoders.hub import EncoderLoadError, load_pretrained, resolve_dtype
 
 
 def normalize(z: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
@@ -36,7 +37,7 @@ class LatentVAE:
     @classmethod
     def load(cls, path: str, subfolder: str = "vae", device: torch.device | str = "auto", dtype: str = "bf16",
              with_decoder: bool = True) -> "LatentVAE":
-        device = resolve_device(device) if isinstance(device, str) else device
+        device = resolve_device(device)
         vae = load_pretrained(AutoencoderKL.from_pretrained, "encoders.vae", path,
                               subfolder=subfolder or None, torch_dtype=resolve_dtype(dtype))
         if not with_decoder:

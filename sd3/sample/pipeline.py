@@ -22,11 +22,11 @@ from safetensors import safe_open
 from torch import nn
 
 from sd3.config import Config, apply_override
+from sd3.devices import resolve_device, resolve_dtype
 from sd3.model import MMDiT, build_model
 from sd3.sample.images import to_pil
 from sd3.sample.samplers import SAMPLERS, guided, make_timesteps
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZE_MULTIPLE = 16  # VAE /8 then patch 2: every pixel side must be a multiple of 16
 
 
@@ -38,20 +38,6 @@ def check_size(width: int, height: int, max_res: int | None = None) -> None:
     if max_res is not None and max(width, height) > max_res:
         warnings.warn(f"{width}x{height} is above the resolution this checkpoint was trained at ({max_res}); "
                       "expect repeated or broken structure", stacklevel=3)
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def find_checkpoint(checkpoint: str | Path) -> Path:

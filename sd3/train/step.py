@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from sd3.config import TrainConfig
+from sd3.devices import resolve_dtype
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def stream_seed(seed: int, *keys: int | str) -> int:
@@ -56,13 +56,11 @@ class Precision:
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
     """`bf16` falls back to fp32 (with the reason printed by the caller) on a GPU without bf16 support."""
-    if name not in DTYPES:
-        raise ValueError(f"train.precision '{name}' is not one of {', '.join(DTYPES)}")
     if name == "fp32":
         return Precision("fp32", None, device.type)
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return Precision("fp32", None, device.type)
-    return Precision(name, DTYPES[name], device.type)
+    return Precision(name, resolve_dtype(name, "train.precision"), device.type)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
