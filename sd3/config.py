@@ -128,6 +128,11 @@ class TrainConfig:
     null_prob_pooled: float = 0.1
     null_prob_gemma: float = 0.316  # 0.316^2 ~ 0.1: both text parts dropped 10% of the time
     null_prob_bert: float = 0.316
+    # Logit-normal timesteps t = sigmoid(N(mean, std^2)) (SD3 paper eq. 19: 0 / 1). A positive mean trains more
+    # near pure noise, where only the caption tells what to draw: tiny latents (8x8 at 64 px) lose the
+    # global colour to noise only above t ~ 0.9, which N(0, 1) reaches for ~1% of samples.
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
     ema_update_every: int = 100
     ema_decay: float = 0.99
     ema_device: str = "cpu"  # cpu | device

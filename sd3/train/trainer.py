@@ -189,7 +189,7 @@ class Trainer:
                 batch.context.contiguous(), batch.pooled.contiguous(), m.text_tokens,
                 tc.null_prob_pooled, tc.null_prob_gemma, tc.null_prob_bert, gen,
             )  # (B, 2T, D), (B, P)
-            t = sample_timesteps(b, gen, self.device)  # (B,)
+            t = sample_timesteps(b, gen, self.device, tc.timestep_mean, tc.timestep_std)  # (B,)
             noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(self.device)  # (B, C, h, w)
             x_t = add_noise(x0, noise, t)  # (B, C, h, w)
             target = velocity_target(x0, noise)  # (B, C, h, w)
