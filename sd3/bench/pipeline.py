@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,15 +67,10 @@ def prepare(workdir: Path) -> list[str]:
             "--topology.models_per_loader=2"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(args: argparse.Namespace) -> int:
     from sd3.bench import print_result
     from sd3.config import load_config
+    from sd3.dist.topology import free_port
 
     overrides = prepare(Path(args.workdir)) + list(args.overrides)
     cfg = load_config(args.config, overrides)  # fail here, in one line, on a bad override

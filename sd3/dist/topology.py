@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 
@@ -188,6 +189,13 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise TopologyError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a local rendezvous (torchrun --master-port, a bench or test job)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(cfg: Config) -> Topology:

@@ -7,13 +7,14 @@ rank its own process, so every rank's own reaction to a failure is visible; torc
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from sd3.dist.topology import free_port
 
 WORKERS = Path(__file__).parent / "workers"
 STEPS = 12
@@ -24,12 +25,6 @@ def job_env() -> dict[str, str]:
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(scenario: str, out_dir: Path) -> tuple[subprocess.CompletedProcess, float]:

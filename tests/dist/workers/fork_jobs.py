@@ -14,22 +14,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
 
 import transport_job  # imports torch, torch.distributed and sd3.dist before any fork
+from sd3.dist.topology import free_port
 
 STEPS = 12
 TIMEOUT_S = 60.0  # the bound: every rank out within 60 s
 GRACE_S = 3.0  # a rank still running this long after the model ranks ended is killed (the hung loader)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_rank(scenario: str, rank: int, port: int, out_dir: Path) -> int:
