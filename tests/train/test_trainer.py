@@ -37,24 +37,32 @@ def test_tiny_checkpoint_is_a_complete_run(tiny_checkpoint):
     assert "WANDB_API_KEY" not in config_text and "HF_TOKEN" not in config_text
 
 
-class Poisoned:
-    """A real colocated source whose latents become NaN at the given micro-steps (a corrupt batch)."""
+class Wrapped:
+    """A real colocated source with one thing changed in `next`; stop and fail go to the source."""
 
-    def __init__(self, source: ColocatedSource, bad_steps: set[int]):
-        self.source, self.bad_steps = source, bad_steps
+    def __init__(self, source: ColocatedSource):
+        self.source = source
         self.num_loaders = source.num_loaders
-
-    def next(self):
-        batch, stats = self.source.next()
-        if stats.step in self.bad_steps:
-            batch.latents = torch.full_like(batch.latents, float("nan"))
-        return batch, stats
 
     def stop(self, step: int) -> None:
         self.source.stop(step)
 
     def fail(self, message: str) -> None:
         self.source.fail(message)
+
+
+class Poisoned(Wrapped):
+    """A real colocated source whose latents become NaN at the given micro-steps (a corrupt batch)."""
+
+    def __init__(self, source: ColocatedSource, bad_steps: set[int]):
+        super().__init__(source)
+        self.bad_steps = bad_steps
+
+    def next(self):
+        batch, stats = self.source.next()
+        if stats.step in self.bad_steps:
+            batch.latents = torch.full_like(batch.latents, float("nan"))
+        return batch, stats
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -85,24 +93,18 @@ def test_nonfinite_steps_never_reach_weights_or_ema(tiny_models, shapes_phase, t
         source.stop(trainer.micro_step)
 
 
-class SignalsAt:
+class SignalsAt(Wrapped):
     """A real colocated source that sends this process SIGTERM while serving micro-step `at`."""
 
     def __init__(self, source: ColocatedSource, at: int):
-        self.source, self.at = source, at
-        self.num_loaders = source.num_loaders
+        super().__init__(source)
+        self.at = at
 
     def next(self):
         batch, stats = self.source.next()
         if stats.step == self.at:
             os.kill(os.getpid(), signal.SIGTERM)
         return batch, stats
-
-    def stop(self, step: int) -> None:
-        self.source.stop(step)
-
-    def fail(self, message: str) -> None:
-        self.source.fail(message)
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_zero(tiny_models, shapes_phase, tmp_path):
@@ -184,23 +186,17 @@ def test_wandb_failures_never_reach_training(monkeypatch, tmp_path):
     sink.finish()
 
 
-class LoaderAsksToStop:
+class LoaderAsksToStop(Wrapped):
     """A real colocated source whose batch at micro-step `at` carries a loader's "a stop signal reached me" flag."""
 
     def __init__(self, source: ColocatedSource, at: int):
-        self.source, self.at = source, at
-        self.num_loaders = source.num_loaders
+        super().__init__(source)
+        self.at = at
 
     def next(self):
         batch, stats = self.source.next()
         stats.stop_requested = stats.step >= self.at
         return batch, stats
-
-    def stop(self, step: int) -> None:
-        self.source.stop(step)
-
-    def fail(self, message: str) -> None:
-        self.source.fail(message)
 
 
 def test_a_stop_forwarded_by_the_loader_stops_like_a_local_signal(tiny_models, shapes_phase, tmp_path):
