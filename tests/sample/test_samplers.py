@@ -123,11 +123,17 @@ def _cond_model():
     return model_fn, calls
 
 
-def test_guidance_scale_zero_is_the_conditional_prediction():
-    g = _gen(7)
+def _guidance_inputs(seed: int):
+    """x (3, 4, 4, 4), t (3,), a conditioning dict and its all-zero (dropped) counterpart."""
+    g = _gen(seed)
     x, t = torch.randn(3, 4, 4, 4, generator=g), torch.rand(3, generator=g)
     cond = {"context": torch.randn(3, 10, 8, generator=g), "pooled": torch.randn(3, 6, generator=g)}
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+    return x, t, cond, uncond
+
+
+def test_guidance_scale_zero_is_the_conditional_prediction():
+    x, t, cond, uncond = _guidance_inputs(7)
     model_fn, calls = _cond_model()
     v = guided(model_fn, cond, uncond, 0.0)(x, t)
     assert torch.equal(v, model_fn(x, t, **cond))
@@ -135,10 +141,7 @@ def test_guidance_scale_zero_is_the_conditional_prediction():
 
 
 def test_guidance_formula_batched_and_unbatched():
-    g = _gen(8)
-    x, t = torch.randn(3, 4, 4, 4, generator=g), torch.rand(3, generator=g)
-    cond = {"context": torch.randn(3, 10, 8, generator=g), "pooled": torch.randn(3, 6, generator=g)}
-    uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+    x, t, cond, uncond = _guidance_inputs(8)
     model_fn, calls = _cond_model()
     v_c, v_u = model_fn(x, t, **cond), model_fn(x, t, **uncond)
     expected = v_c + 5.0 * (v_c - v_u)  # Ho & Salimans guidance weight w = 5
