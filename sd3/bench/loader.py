@@ -47,14 +47,10 @@ def ensure_dataset(args: argparse.Namespace, cfg: Config, tmp: Path) -> tuple[Pa
     if args.folder:
         index = Path(args.index) if args.index else Path(cfg.data.bucket_indices_path)
         return Path(args.folder), index
-    from sd3.data.index import create_indices
-    from sd3.data.phase import PhaseOptions, create_phase
-    from sd3.data.synthetic import write_shapes
+    from sd3.data.synthetic import prepare_shapes
 
-    write_shapes(tmp / "raw", args.rows, seed=0)
-    create_phase(tmp / "raw", tmp / "phase", PhaseOptions(max_res=cfg.model.max_res, patch_size=16), progress=False)
-    create_indices(tmp / "phase", tmp / "index.npz", n_proc=1)
-    return tmp / "phase", tmp / "index.npz"
+    data = prepare_shapes(tmp / "shapes", args.rows, max_res=cfg.model.max_res)
+    return data.phase, data.index
 
 
 def main(args: argparse.Namespace) -> int:

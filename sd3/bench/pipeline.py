@@ -44,25 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def prepare(workdir: Path) -> list[str]:
     """Tiny models + a small shapes dataset in `workdir` (each stage skipped when done); config overrides to use them."""
-    from sd3.cli import main as cli_main
+    from sd3.data.synthetic import prepare_shapes
+    from sd3.encoders.tiny import make_tiny
 
-    models, raw, phase, index = workdir / "tiny-models", workdir / "raw", workdir / "phase", workdir / "index.npz"
-    stages = [
-        (models / "metaclip", ["make-tiny", "--out", str(models), "--vae-weights", "none"]),
-        (raw, ["make-dataset", "shapes", "--out", str(raw), "--n", "600", "--seed", "0"]),
-        (phase, ["create-phase", "--input-dir", str(raw), "--output-dir", str(phase), "--max-res", "64",
-                 "--patch-size", "16"]),
-        (index, ["create-indices", "--data-parquet-folder", str(phase), "--bucket-indices-path", str(index),
-                 "--n-proc", "1"]),
-    ]
-    for output, argv in stages:
-        if not output.exists():
-            print(f"bench pipeline: {argv[0]} -> {output}", flush=True)
-            if cli_main(argv):
-                raise RuntimeError(f"sd3 {argv[0]} failed")
+    models = workdir / "tiny-models"
+    if not (models / "metaclip").exists():
+        print(f"bench pipeline: make-tiny -> {models}", flush=True)
+        make_tiny(models)
+    data = prepare_shapes(workdir / "shapes", 600, max_res=64,
+                          log=lambda stage, status: print(f"bench pipeline: {stage} {status}", flush=True))
     return [f"--encoders.clip={models / 'metaclip'}", f"--encoders.gemma={models / 'gemma'}",
             f"--encoders.bert={models / 'modernbert'}", f"--encoders.vae={models / 'flux'}",
-            f"--data.parquet_folder={phase}", f"--data.bucket_indices_path={index}",
+            f"--data.parquet_folder={data.phase}", f"--data.bucket_indices_path={data.index}",
             "--topology.mode=loader", "--topology.backend=gloo", "--topology.loaders_per_node=1",
             "--topology.models_per_loader=2"]
 

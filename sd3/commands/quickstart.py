@@ -55,30 +55,18 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on the hub
     os.environ.setdefault("WANDB_MODE", "disabled")
     start = time.perf_counter()
-    stages = [
-        ("make-tiny", paths.models / "make_tiny.json", lambda: make_tiny(paths, args)),
-        ("make-dataset", paths.raw / ".complete", lambda: run_cli(
-            ["make-dataset", "shapes", "--out", str(paths.raw), "--n", str(args.n_images), "--seed", "0"])),
-        ("create-phase", paths.phase / ".complete", lambda: run_cli(
-            ["create-phase", "--input-dir", str(paths.raw), "--output-dir", str(paths.phase), "--max-res", "64",
-             "--patch-size", "16"])),
-        ("create-indices", paths.index.with_suffix(".complete"), lambda: run_cli(
-            ["create-indices", "--data-parquet-folder", str(paths.phase), "--bucket-indices-path", str(paths.index),
-             "--n-proc", "2"])),
-    ]
-    for number, (name, marker, run) in enumerate(stages, 1):
-        if marker.exists() and not args.force:
-            print(f"[{number}/6] {name}: done already ({marker.parent})", flush=True)
-            continue
-        print(f"[{number}/6] {name} ...", flush=True)
+    if (paths.models / "make_tiny.json").exists() and not args.force:
+        print(f"[1/6] make-tiny: done already ({paths.models})", flush=True)
+    else:
+        print("[1/6] make-tiny ...", flush=True)
         t0 = time.perf_counter()
-        code = run()
+        code = make_tiny(paths, args)
         if code:
-            print(f"sd3 quickstart: error: stage {name} failed (exit code {code})", file=sys.stderr)
+            print(f"sd3 quickstart: error: stage make-tiny failed (exit code {code})", file=sys.stderr)
             return code
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1)}))
-        print(f"[{number}/6] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        (paths.models / "make_tiny.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1)}))
+        print(f"[1/6] make-tiny: {time.perf_counter() - t0:.0f} s", flush=True)
+    prepare_data(paths, args)
 
     code = train(paths, args)
     if code:
@@ -96,11 +84,27 @@ class Paths:
         self.root = root
         self.models = root / "data" / "tiny-models"
         self.data = root / "data" / "quickstart"
-        self.raw = self.data / "raw"
         self.phase = self.data / "phase"
         self.index = self.data / "bucket_indices.npz"
         self.run = root / "runs" / "quickstart"
         self.grid = self.run / "quickstart_grid.png"
+
+
+def prepare_data(paths: Paths, args: argparse.Namespace) -> None:
+    """Stages 2-4: the shapes dataset through make-dataset -> create-phase -> create-indices (done stages skipped)."""
+    import shutil
+
+    from sd3.data.synthetic import prepare_shapes
+
+    numbers = {"make-dataset": 2, "create-phase": 3, "create-indices": 4}
+    if args.force and paths.data.exists():
+        shutil.rmtree(paths.data)
+
+    def log(stage: str, status: str) -> None:
+        print(f"[{numbers[stage]}/6] {stage}{'' if status == '...' else ':'} {status}", flush=True)
+
+    data = prepare_shapes(paths.data, args.n_images, max_res=64, seed=0, n_proc=2, progress=True, log=log)
+    assert (data.phase, data.index) == (paths.phase, paths.index)
 
 
 def overrides(paths: Paths, args: argparse.Namespace) -> list[str]:

@@ -8,9 +8,11 @@ small model learns to follow its captions (the labels are returned alongside eac
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -168,3 +170,47 @@ def write_shapes(out_dir: str | Path, n: int, seed: int = 0, shard_rows: int = 1
         write_table(path, pa.Table.from_pylist(rows))
         paths.append(path)
     return paths
+
+
+@dataclass(frozen=True)
+class ShapesDataset:
+    raw: Path  # raw shards (make-dataset)
+    phase: Path  # phase shards (create-phase)
+    index: Path  # bucket index .npz (create-indices)
+
+
+def prepare_shapes(
+    root: str | Path, n: int, max_res: int, seed: int = 0, *, shard_rows: int = 1000, n_proc: int = 1,
+    progress: bool = False, log: Callable[[str, str], None] | None = None,
+) -> ShapesDataset:
+    """A trainable shapes dataset under `root` through the real make-dataset -> create-phase -> create-indices path.
+
+    Each stage leaves a `.complete` marker and is skipped when it is there, so an interrupted preparation picks up
+    where it stopped. `log(stage, status)` reports each stage: "...", then its seconds, or "done already (PATH)".
+    """
+    from sd3.data.index import create_indices
+    from sd3.data.phase import PhaseOptions, create_phase
+
+    root = Path(root)
+    data = ShapesDataset(root / "raw", root / "phase", root / "bucket_indices.npz")
+    stages = (
+        ("make-dataset", data.raw / ".complete", lambda: write_shapes(data.raw, n, seed=seed, shard_rows=shard_rows)),
+        ("create-phase", data.phase / ".complete", lambda: create_phase(
+            data.raw, data.phase, PhaseOptions(max_res=max_res, patch_size=16), progress=progress)),
+        ("create-indices", data.index.with_suffix(".complete"), lambda: create_indices(data.phase, data.index, n_proc)),
+    )
+    for name, marker, run in stages:
+        if marker.exists():
+            if log:
+                log(name, f"done already ({marker.parent})")
+            continue
+        if log:
+            log(name, "...")
+        start = time.perf_counter()
+        run()
+        seconds = round(time.perf_counter() - start, 1)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"seconds": seconds, "n": n, "max_res": max_res, "seed": seed}))
+        if log:
+            log(name, f"{seconds:.0f} s")
+    return data

@@ -32,3 +32,20 @@ def test_captions_and_pixels_match_labels():
         assert tuple(arr[cy, cx]) == COLOURS[lab.colour]  # the shape covers its cell centre
         assert tuple(arr[0, 0]) == COLOURS[lab.background] or lab.position == "top left"
         assert np.array_equal(np.asarray(render(lab)), arr)
+
+
+def test_prepare_shapes_skips_finished_stages(tmp_path):
+    from sd3.data.index import BucketIndex
+    from sd3.data.synthetic import prepare_shapes
+
+    seen: list[tuple[str, str]] = []
+    data = prepare_shapes(tmp_path, 24, max_res=64, log=lambda stage, status: seen.append((stage, status)))
+    assert [stage for stage, status in seen if status == "..."] == ["make-dataset", "create-phase", "create-indices"]
+    assert BucketIndex.load(data.index, data.phase).num_rows == 24
+
+    # An interrupted run: the index was never finished. Only that stage runs again.
+    data.index.with_suffix(".complete").unlink()
+    seen.clear()
+    prepare_shapes(tmp_path, 24, max_res=64, log=lambda stage, status: seen.append((stage, status)))
+    assert [stage for stage, status in seen if status == "..."] == ["create-indices"]
+    assert all(status.startswith("done already") for stage, status in seen if stage != "create-indices")
