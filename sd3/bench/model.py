@@ -6,6 +6,11 @@ is closest to ours (its blocks have a GELU MLP and separate Q/K/V linears: 36·D
 same per-head QK RMSNorm (`qk_norm="rms_norm"`, as in SD3.5). Runs alternate A B A B ... in one process after a
 warm-up, and the medians are compared, so load from other processes on the machine hits both alike. Wall time and
 process CPU time are both reported: on a shared machine the CPU-time ratio is the steadier of the two.
+
+The matrix-product FLOPs of one forward+backward of each model (torch's FlopCounterMode: mm/addmm/bmm, which is
+every linear layer; torch does not count its CPU attention kernel) are reported too, as `linear_flops_ratio`: the
+products run at the same rate in both models, so this ratio is about as low as the time ratio can go while the
+products dominate.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from sd3.bench import print_result
 from sd3.config import ModelConfig
@@ -83,6 +89,15 @@ def train_step(model: torch.nn.Module, forward, dtype: torch.dtype) -> tuple[flo
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def linear_flops(model: torch.nn.Module, forward) -> int:
+    """Matrix-product FLOPs of one forward + backward (the same loss as `train_step`)."""
+    model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        forward().float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,6 +134,10 @@ def main(args: argparse.Namespace) -> int:
         "ours_params": ours_params, "theirs_params": theirs_params, "ours_dim": cfg.dim, "ours_blocks": cfg.num_blocks,
         "theirs_dim": 64 * heads, "theirs_layers": layers, "repeats": args.repeats, "threads": torch.get_num_threads(),
     }
+    flops = {who: linear_flops(*runners[who]) for who in runners}
+    print(f"matrix-product FLOPs per forward+backward: ours {flops['ours'] / 1e9:.1f} G, theirs {flops['theirs'] / 1e9:.1f} G, "
+          f"ratio {flops['ours'] / flops['theirs']:.3f} (attention kernels not counted)")
+    figures["linear_flops_ratio"] = round(flops["ours"] / flops["theirs"], 3)
     for name in args.dtypes.split(","):
         dtype = resolve_dtype(name)
         times: dict[str, list[tuple[float, float]]] = {"ours": [], "theirs": []}
