@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from sd3.data.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, make_shapes, render
+from sd3.data.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPE_COLOURS, SHAPES, SIZES, make_shapes, render
 
 
 def test_deterministic_and_prefix_stable():
@@ -16,21 +16,24 @@ def test_deterministic_and_prefix_stable():
 def test_captions_and_pixels_match_labels():
     samples = list(make_shapes(300, seed=0))
     assert {s.labels.shape for s in samples} == set(SHAPES)
+    assert {s.labels.colour for s in samples} == set(SHAPE_COLOURS)
+    assert {s.labels.background for s in samples} == set(BACKGROUNDS)
     assert {s.labels.position for s in samples} == set(POSITIONS)
     assert {(s.labels.width, s.labels.height) for s in samples} == set(SIZES)
     assert any(s.recaption.startswith("The image shows") for s in samples)  # exercises caption cleaning
     for s in samples:
         lab = s.labels
-        assert lab.colour != lab.background
+        assert lab.colour in SHAPE_COLOURS and lab.background in BACKGROUNDS
         assert s.image.size == (lab.width, lab.height)
         for caption in (s.recaption, s.recaption_short):
             assert lab.colour in caption and lab.shape in caption and lab.background in caption
         assert POSITIONS[lab.position][2] in s.recaption and lab.position in s.recaption_short
         arr = np.asarray(s.image)
         row, col, _ = POSITIONS[lab.position]
-        cy, cx = int((row + 0.5) * lab.height / 3), int((col + 0.5) * lab.width / 3)
-        assert tuple(arr[cy, cx]) == COLOURS[lab.colour]  # the shape covers its cell centre
-        assert tuple(arr[0, 0]) == COLOURS[lab.background] or lab.position == "top left"
+        cy, cx = int((row + 1) * lab.height / 4), int((col + 1) * lab.width / 4)
+        assert tuple(arr[cy, cx]) == COLOURS[lab.colour]  # the shape covers its centre
+        corners = [tuple(arr[y, x]) for y in (0, -1) for x in (0, -1)]
+        assert corners.count(COLOURS[lab.background]) >= 3  # and leaves the background at (at least) 3 corners
         assert np.array_equal(np.asarray(render(lab)), arr)
 
 
