@@ -53,6 +53,10 @@ class ModelConfig:
     # RoPE positions are divided by max_res / max_res_orig so a model trained at 256 can be fine-tuned at 512/1024.
     max_res: int = 256
     max_res_orig: int = 256
+    # Initial value of each text part's learnable scalar (source: 0.01, so text starts with little influence). The
+    # blocks layer-normalise the text stream, so below ~0.1 the projection's bias outweighs the caption there and a
+    # short run from scratch learns its captions slowly: tiny-cpu starts at 1.0.
+    text_scale_init: float = 0.01
     checkpoint_attn: bool = False
     checkpoint_mlp: bool = False
     attention_backend: str = "auto"  # auto | flash | xformers | sdpa

@@ -141,7 +141,7 @@ class MMDiT(nn.Module):
         self.position_scale = cfg.max_res / cfg.max_res_orig
         self.time_embed = TimestepEmbedding(dim)
         self.pooled_embed = RowLinear(cfg.pooled_dim, dim)
-        self.text_embed = nn.ModuleList(TextPartEmbedding(d, dim) for d in cfg.text_dims)
+        self.text_embed = nn.ModuleList(TextPartEmbedding(d, dim, cfg.text_scale_init) for d in cfg.text_dims)
         self.patch_embed = PatchEmbedding(cfg.in_channels, p, dim)
         # One RoPE module shared by all blocks so the cos/sin tables are built once per grid size.
         rope = Rope2d(dim // cfg.num_heads, self.position_scale) if cfg.positional_encoding == "RoPE2d" else None

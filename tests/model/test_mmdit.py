@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -98,6 +100,8 @@ def test_initial_scalars():
     model = build_model(cfg)
     assert model.time_embed.time_scale.item() == 1000.0
     assert [part.scale.item() for part in model.text_embed] == pytest.approx([0.01, 0.01])
+    tiny = build_model(dataclasses.replace(cfg, text_scale_init=1.0))  # the tiny-cpu preset's value
+    assert [part.scale.item() for part in tiny.text_embed] == [1.0, 1.0]
 
 
 def test_last_block_has_no_text_output_path():
