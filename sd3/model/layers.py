@@ -44,8 +44,7 @@ class RowLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         few = x.dim() == 2 and 1 <= x.shape[0] <= self.max_outer_rows and self.bias is not None
-        # fp32 only: in bf16 each outer-product sum would round once per row where the matrix product rounds once.
-        plain_fp = x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+        plain_fp = x.dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type)
         if few and plain_fp and torch.is_grad_enabled() and self.weight.requires_grad:
             return _FewRowsLinear.apply(x, self.weight, self.bias)  # (B, out)
         return super().forward(x)
