@@ -12,44 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class _FewRowsLinear(torch.autograd.Function):
-    """`x @ W.T + b` whose weight gradient is built as a sum of outer products, one per row of x."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return torch.addmm(bias, x, weight.t())  # (R, out)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        x, weight = ctx.saved_tensors
-        grad_x = grad @ weight if ctx.needs_input_grad[0] else None  # (R, in)
-        grad_w = torch.outer(grad[0], x[0])  # (out, in)
-        for row in range(1, x.shape[0]):
-            grad_w.addr_(grad[row], x[row])
-        return grad_x, grad_w, grad.sum(0)
-
-
-class RowLinear(nn.Linear):
-    """A linear layer applied to one vector per sample (time, pooled text, conditioning, modulations), with a
-    faster weight gradient when the batch is small.
-
-    Its weight gradient gradᵀ·x is a matrix product with an inner size of B, which BLAS handles poorly for B of
-    2-4 on a CPU (a 4608×768 fp32 weight, one thread: B=2 2.8 ms as a matrix product, 1.3 ms as two outer
-    products; from B=8 on the matrix product wins, so larger batches take nn.Linear's path). Same numbers as
-    nn.Linear; only used in fp32 with autocast off, where `per_sample` runs these layers.
-    """
-
-    max_outer_rows = 4
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        few = x.dim() == 2 and 1 <= x.shape[0] <= self.max_outer_rows and self.bias is not None
-        plain_fp = x.dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type)
-        if few and plain_fp and torch.is_grad_enabled() and self.weight.requires_grad:
-            return _FewRowsLinear.apply(x, self.weight, self.bias)  # (B, out)
-        return super().forward(x)
-
-
 class TimestepEmbedding(nn.Module):
     """Sinusoidal embedding of `t · s` then a linear layer, with a learnable time scale `s` (init 1000).
 
@@ -63,7 +25,7 @@ class TimestepEmbedding(nn.Module):
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs, persistent=False)  # (F/2,)
         self.time_scale = nn.Parameter(torch.tensor(float(init_scale)))
-        self.proj = RowLinear(frequency_dim, dim)
+        self.proj = nn.Linear(frequency_dim, dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # Kept in fp32 even under autocast: sin/cos of arguments up to ~1000 lose all precision in bf16.
@@ -109,7 +71,7 @@ class Modulation(nn.Module):
     def __init__(self, dim: int, chunks: int):
         super().__init__()
         self.chunks = chunks
-        self.linear = RowLinear(dim, chunks * dim)
+        self.linear = nn.Linear(dim, chunks * dim)
 
     def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(cond).unsqueeze(1).chunk(self.chunks, dim=-1)  # each (B, 1, D)

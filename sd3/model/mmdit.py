@@ -13,9 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sd3.config import ModelConfig
 from sd3.model.attention import attention, check_backend, resolve_backend
-from sd3.model.layers import (
-    HeadRMSNorm, Modulation, PatchEmbedding, RowLinear, TextPartEmbedding, TimestepEmbedding, adaptive_norm, make_mlp,
-)
+from sd3.model.layers import HeadRMSNorm, Modulation, PatchEmbedding, TextPartEmbedding, TimestepEmbedding, adaptive_norm, make_mlp
 from sd3.model.rope import Rope2d, sincos_2d
 
 POSITIONAL_ENCODINGS = ("RoPE2d", "absolute", "NoPE")
@@ -50,7 +48,7 @@ class JointBlock(nn.Module):
         self.backend = cfg.attention_backend
         self.checkpoint_attn, self.checkpoint_mlp = cfg.checkpoint_attn, cfg.checkpoint_mlp
         # The source applies "an MLP then SiLU" to y once per block rather than a bare SiLU (Model Details 6).
-        self.cond = RowLinear(dim, dim)
+        self.cond = nn.Linear(dim, dim)
         self.mod_x = Modulation(dim, 6)  # shift1, scale1, gate1, shift2, scale2, gate2
         self.mod_c = Modulation(dim, 2 if last else 6)
         # One fused projection per stream: a single (D, 3D) matmul instead of three (D, D) ones.
@@ -140,13 +138,13 @@ class MMDiT(nn.Module):
         dim, p = cfg.dim, cfg.patch_size
         self.position_scale = cfg.max_res / cfg.max_res_orig
         self.time_embed = TimestepEmbedding(dim)
-        self.pooled_embed = RowLinear(cfg.pooled_dim, dim)
+        self.pooled_embed = nn.Linear(cfg.pooled_dim, dim)
         self.text_embed = nn.ModuleList(TextPartEmbedding(d, dim, cfg.text_scale_init) for d in cfg.text_dims)
         self.patch_embed = PatchEmbedding(cfg.in_channels, p, dim)
         # One RoPE module shared by all blocks so the cos/sin tables are built once per grid size.
         rope = Rope2d(dim // cfg.num_heads, self.position_scale) if cfg.positional_encoding == "RoPE2d" else None
         self.blocks = nn.ModuleList(JointBlock(cfg, last=i == cfg.num_blocks - 1, rope=rope) for i in range(cfg.num_blocks))
-        self.head_cond = RowLinear(dim, dim)
+        self.head_cond = nn.Linear(dim, dim)
         self.head_mod = Modulation(dim, 2)
         self.head = nn.Linear(dim, cfg.in_channels * p * p)
         self.initialize_weights()
