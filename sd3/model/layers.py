@@ -35,10 +35,10 @@ class TimestepEmbedding(nn.Module):
 
 
 class TextPartEmbedding(nn.Module):
-    """One text encoder's tokens -> model width: RMSNorm, a learnable scalar (init 0.01), a linear projection.
+    """One text encoder's tokens -> model width: RMSNorm, a learnable scalar (model.text_scale_init), a projection.
 
     Each encoder gets its own norm because their statistics differ, and the scalar because some encoders
-    (Gemma) emit very large activations (source, Model Details 3). Starting at 0.01 keeps the text's
+    (Gemma) emit very large activations (source, Model Details 3). The source's start, 0.01, keeps the text's
     initial influence small.
     """
 
