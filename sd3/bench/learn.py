@@ -4,7 +4,7 @@ Two measurements on held-out shapes (sd3/data/synthetic.py with a seed the quick
 1. The validation flow-matching loss with each image's true caption vs with the captions shuffled across the batch
    (a derangement), and with the null condition (zeros). The images, VAE posterior samples, noise and t are
    identical in all three, so only the text differs: a model that uses its text has loss_true < loss_shuffled.
-2. Colour accuracy: images generated from held-out long captions ("A red circle in the top left of a blue
+2. Colour accuracy: images generated from held-out long captions ("A red circle in the top left of a white
    background."); the fraction whose dominant shape colour (sd3/sample/colour.py) is the colour named.
 The last line printed is one JSON object with the figures.
 """

@@ -20,15 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-PROMPTS = (
-    "A red circle in the center of a blue background.",
-    "A yellow square in the center of a purple background.",
+PROMPTS = (  # the shapes data's caption style: one chromatic shape on white or black (sd3/data/synthetic.py)
+    "A red circle in the center of a white background.",
+    "A yellow square in the center of a black background.",
     "A green triangle in the center of a white background.",
-    "A blue star in the center of a yellow background.",
-    "A white diamond in the center of a black background.",
-    "An orange circle in the top left of a green background.",
-    "A purple square in the bottom right of an orange background.",
-    "A black triangle at the top of a red background.",
+    "A blue star in the center of a black background.",
+    "A purple diamond in the center of a white background.",
+    "An orange circle in the top left of a black background.",
+    "A blue square in the bottom right of a white background.",
+    "A red triangle at the top of a black background.",
 )
 
 

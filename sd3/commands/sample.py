@@ -137,7 +137,7 @@ def measure_memory(args: argparse.Namespace) -> int:
     pipe = Pipeline(model, cfg, text, vae, device, dtype, offload=False)
     T, D, P = cfg.model.text_tokens, cfg.model.context_dim, cfg.model.pooled_dim
     if text is not None:
-        prompt = args.prompt[0] if args.prompt else "a red circle in the center of a blue background"
+        prompt = args.prompt[0] if args.prompt else "a red circle in the center of a white background"
         context, pooled = pipe.encode([prompt])  # (1, 2T, D), (1, P)
     else:
         context = torch.randn(1, 2 * T, D, dtype=dtype, device=device)  # (1, 2T, D)

@@ -127,8 +127,8 @@ def render(labels: ShapeLabels) -> Image.Image:
 
 
 def captions(labels: ShapeLabels, rng: np.random.Generator) -> tuple[str, str]:
-    """(long, short) captions, e.g. "A red circle in the top left of a blue background." and
-    "red circle, top left, blue background". Some long ones open with "The image shows", as recaptions do."""
+    """(long, short) captions, e.g. "A red circle in the top left of a white background." and
+    "red circle, top left, white background". Some long ones open with "The image shows", as recaptions do."""
     article = "An" if labels.colour[0] in "aeiou" else "A"
     template = LONG_TEMPLATES[rng.integers(len(LONG_TEMPLATES))]
     long = template.format(
