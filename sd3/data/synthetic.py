@@ -34,6 +34,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # Shapes take the six chromatic colours, backgrounds the two neutral ones. A caption then names one chromatic colour,
 # and a small model from scratch can tie it to the shape within the quick start's few minutes; with two chromatic
 # colours per caption it must first learn which of them is the shape's (bench learn: 12% shape colour, chance).
+SHAPES_VERSION = 2  # bumped whenever the images or captions change, so prepared datasets are remade
 SHAPE_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 BACKGROUNDS = ("white", "black")
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
@@ -191,32 +192,49 @@ def prepare_shapes(
 ) -> ShapesDataset:
     """A trainable shapes dataset under `root` through the real make-dataset -> create-phase -> create-indices path.
 
-    Each stage leaves a `.complete` marker and is skipped when it is there, so an interrupted preparation picks up
-    where it stopped. `log(stage, status)` reports each stage: "...", then its seconds, or "done already (PATH)".
+    Each stage leaves a `.complete` marker with its settings and is skipped when the marker is there with the same
+    settings, so an interrupted preparation picks up where it stopped. A stage made with other settings (or by an
+    older version of this generator) is redone, and so is every stage after it. `log(stage, status)` reports each
+    stage: "...", then its seconds, or "done already (PATH)".
     """
+    import shutil
+
     from sd3.data.index import create_indices
     from sd3.data.phase import PhaseOptions, create_phase
 
     root = Path(root)
     data = ShapesDataset(root / "raw", root / "phase", root / "bucket_indices.npz")
-    stages = (
-        ("make-dataset", data.raw / ".complete", lambda: write_shapes(data.raw, n, seed=seed, shard_rows=shard_rows)),
-        ("create-phase", data.phase / ".complete", lambda: create_phase(
-            data.raw, data.phase, PhaseOptions(max_res=max_res, patch_size=16), progress=progress)),
-        ("create-indices", data.index.with_suffix(".complete"), lambda: create_indices(data.phase, data.index, n_proc)),
+    settings = {"n": n, "max_res": max_res, "seed": seed, "version": SHAPES_VERSION}
+    stages = (  # (name, output, marker, run)
+        ("make-dataset", data.raw, data.raw / ".complete",
+         lambda: write_shapes(data.raw, n, seed=seed, shard_rows=shard_rows)),
+        ("create-phase", data.phase, data.phase / ".complete",
+         lambda: create_phase(data.raw, data.phase, PhaseOptions(max_res=max_res, patch_size=16), progress=progress)),
+        ("create-indices", data.index, data.index.with_suffix(".complete"),
+         lambda: create_indices(data.phase, data.index, n_proc)),
     )
-    for name, marker, run in stages:
-        if marker.exists():
+    redo = False
+    for name, output, marker, run in stages:
+        if not redo and marker.exists() and {k: json.loads(marker.read_text()).get(k) for k in settings} == settings:
             if log:
                 log(name, f"done already ({marker.parent})")
             continue
+        if marker.exists():  # made with other settings: its output and everything after it are stale
+            marker.unlink()
+            redo = True
+        if redo:  # (without a marker and with nothing redone before, a partial output is resumed instead)
+            if output.is_dir():
+                shutil.rmtree(output)
+            else:
+                output.unlink(missing_ok=True)
+        redo = True
         if log:
             log(name, "...")
         start = time.perf_counter()
         run()
         seconds = round(time.perf_counter() - start, 1)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"seconds": seconds, "n": n, "max_res": max_res, "seed": seed}))
+        marker.write_text(json.dumps({"seconds": seconds, **settings}))
         if log:
             log(name, f"{seconds:.0f} s")
     return data

@@ -52,3 +52,14 @@ def test_prepare_shapes_skips_finished_stages(tmp_path):
     prepare_shapes(tmp_path, 24, max_res=64, log=lambda stage, status: seen.append((stage, status)))
     assert [stage for stage, status in seen if status == "..."] == ["create-indices"]
     assert all(status.startswith("done already") for stage, status in seen if stage != "create-indices")
+
+
+def test_prepare_shapes_redoes_stages_made_with_other_settings(tmp_path):
+    from sd3.data.index import BucketIndex
+    from sd3.data.synthetic import prepare_shapes
+
+    prepare_shapes(tmp_path, 24, max_res=64)
+    seen: list[tuple[str, str]] = []
+    data = prepare_shapes(tmp_path, 16, max_res=64, log=lambda stage, status: seen.append((stage, status)))
+    assert [stage for stage, status in seen if status == "..."] == ["make-dataset", "create-phase", "create-indices"]
+    assert BucketIndex.load(data.index, data.phase).num_rows == 16  # no row of the 24-image dataset survives
