@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -48,3 +49,10 @@ def test_quickstart_tiny_run_then_resume(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("done already") == 5  # stages 1-5 skipped, only the grid is sampled again
     assert second.stdout.strip().splitlines()[-1] == str(grid)
+
+    # Other tiny models than the checkpoint was trained with (as after an upgrade): no silent resume.
+    marker = tmp_path / "data" / "tiny-models" / "make_tiny.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "vae": "older weights"}))
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 2
+    assert "holds a checkpoint (step 4) made before make-tiny was redone" in third.stderr

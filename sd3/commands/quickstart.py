@@ -55,18 +55,17 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on the hub
     os.environ.setdefault("WANDB_MODE", "disabled")
     start = time.perf_counter()
-    if (paths.models / "make_tiny.json").exists() and not args.force:
-        print(f"[1/6] make-tiny: done already ({paths.models})", flush=True)
-    else:
-        print("[1/6] make-tiny ...", flush=True)
-        t0 = time.perf_counter()
-        code = make_tiny(paths, args)
-        if code:
-            print(f"sd3 quickstart: error: stage make-tiny failed (exit code {code})", file=sys.stderr)
-            return code
-        (paths.models / "make_tiny.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1)}))
-        print(f"[1/6] make-tiny: {time.perf_counter() - t0:.0f} s", flush=True)
-    prepare_data(paths, args)
+    code, remade = make_tiny_stage(paths, args)
+    if code:
+        print(f"sd3 quickstart: error: stage make-tiny failed (exit code {code})", file=sys.stderr)
+        return code
+    remade += prepare_data(paths, args)
+    done = finished_step(paths.run)
+    if remade and done >= 0 and not args.force:
+        # Resuming would continue a model trained on other tiny models or data (e.g. after upgrading sd3).
+        print(f"sd3 quickstart: error: {paths.run} holds a checkpoint (step {done}) made before {', '.join(remade)} "
+              "was redone; move it away or re-run with --force", file=sys.stderr)
+        return 2
 
     code = train(paths, args)
     if code:
@@ -90,8 +89,34 @@ class Paths:
         self.grid = self.run / "quickstart_grid.png"
 
 
-def prepare_data(paths: Paths, args: argparse.Namespace) -> None:
-    """Stages 2-4: the shapes dataset through make-dataset -> create-phase -> create-indices (done stages skipped)."""
+def make_tiny_stage(paths: Paths, args: argparse.Namespace) -> tuple[int, list[str]]:
+    """Stage 1, skipped when its marker names the same VAE weights: (exit code, ["make-tiny"] if it ran)."""
+    import hashlib
+
+    from sd3.encoders.tiny import TINY_VAE_WEIGHTS
+
+    weights = Path(args.vae_weights) if args.vae_weights else TINY_VAE_WEIGHTS
+    vae = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else f"trained {args.vae_steps} steps"
+    marker = paths.models / "make_tiny.json"
+    if marker.exists() and json.loads(marker.read_text()).get("vae") == vae and not args.force:
+        print(f"[1/6] make-tiny: done already ({paths.models})", flush=True)
+        return 0, []
+    print("[1/6] make-tiny ...", flush=True)
+    t0 = time.perf_counter()
+    argv = ["make-tiny", "--out", str(paths.models), "--vae-weights", str(weights)]
+    if not weights.is_file():
+        # No shipped weights: train the tiny VAE on shapes here so it reconstructs them (a few minutes).
+        argv += ["--train-vae-steps", str(args.vae_steps)]
+    code = run_cli(argv)
+    if code == 0:
+        marker.write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "vae": vae}))
+        print(f"[1/6] make-tiny: {time.perf_counter() - t0:.0f} s", flush=True)
+    return code, ["make-tiny"]
+
+
+def prepare_data(paths: Paths, args: argparse.Namespace) -> list[str]:
+    """Stages 2-4: the shapes dataset through make-dataset -> create-phase -> create-indices (done stages skipped).
+    Returns the stages that ran."""
     import shutil
 
     from sd3.data.synthetic import prepare_shapes
@@ -100,11 +125,16 @@ def prepare_data(paths: Paths, args: argparse.Namespace) -> None:
     if args.force and paths.data.exists():
         shutil.rmtree(paths.data)
 
+    ran = []
+
     def log(stage: str, status: str) -> None:
+        if status == "...":
+            ran.append(stage)
         print(f"[{numbers[stage]}/6] {stage}{'' if status == '...' else ':'} {status}", flush=True)
 
     data = prepare_shapes(paths.data, args.n_images, max_res=64, seed=0, n_proc=2, progress=True, log=log)
     assert (data.phase, data.index) == (paths.phase, paths.index)
+    return ran
 
 
 def overrides(paths: Paths, args: argparse.Namespace) -> list[str]:
@@ -125,17 +155,6 @@ def run_cli(argv: list[str]) -> int:
     from sd3.cli import main as cli_main
 
     return cli_main(argv)
-
-
-def make_tiny(paths: Paths, args: argparse.Namespace) -> int:
-    from sd3.encoders.tiny import TINY_VAE_WEIGHTS
-
-    weights = Path(args.vae_weights) if args.vae_weights else TINY_VAE_WEIGHTS
-    argv = ["make-tiny", "--out", str(paths.models), "--vae-weights", str(weights)]
-    if not weights.is_file():
-        # No shipped weights: train the tiny VAE on shapes here so it reconstructs them (a few minutes).
-        argv += ["--train-vae-steps", str(args.vae_steps)]
-    return run_cli(argv)
 
 
 def finished_step(run_dir: Path) -> int:
