@@ -303,12 +303,21 @@ class Trainer:
         """Log the window since the last report (all model ranks call this: the skip counters are all-reduced)."""
         values: dict[str, Any] = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm}
         values.update(self.window.report(self.peak))
+        values["stall_pct_max"] = self.max_over_ranks(values["stall_pct"])  # rank 0's own stall can hide a slow rank
         values["nonfinite_steps"] = self.counters.nonfinite_steps
         for reason, count in self.total_skipped_rows().items():
             values[f"skipped_{reason}"] = count
         self.log.log(self.step, values)
         # The loader's timings are cumulative: the next window starts from this window's last reading.
         self.window = Window(loader_start=dict(self.window.loader_now))
+
+    def max_over_ranks(self, value: float) -> float:
+        """The largest `value` over the model ranks (a collective, like total_skipped_rows)."""
+        if not self.is_ddp:
+            return value
+        values = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.ranks.group)
+        return values.item()
 
     def total_skipped_rows(self) -> dict[str, int]:
         """Rows skipped as bad, per reason, summed over loaders (checkpointed base + this process's sources).
