@@ -19,7 +19,6 @@ from typing import Callable
 import torch
 from PIL import Image
 from safetensors import safe_open
-from torch import nn
 
 from sd3.config import Config, apply_override
 from sd3.devices import resolve_device, resolve_dtype
@@ -64,20 +63,7 @@ def build_in_dtype(cfg: Config, device: torch.device, dtype: torch.dtype) -> MMD
             model = build_model(cfg.model)
     finally:
         torch.set_default_dtype(previous)
-    if dtype != torch.float32:
-        # The model runs some small layers (time / pooled / modulation, one row per sample) in fp32 with autocast
-        # off, written for fp32 master weights. With weights stored in `dtype`, their inputs are cast to it.
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.register_forward_pre_hook(_cast_input_to_weight)
     return model.requires_grad_(False).eval()
-
-
-def _cast_input_to_weight(module: nn.Linear, args: tuple) -> tuple | None:
-    x = args[0]
-    if x.dtype != module.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        return (x.to(module.weight.dtype), *args[1:])
-    return None
 
 
 def load_weights(model: MMDiT, path: Path) -> None:
