@@ -26,9 +26,7 @@ import atexit
 import datetime
 import logging
 import math
-import os
 import queue
-import sys
 import threading
 import time
 from collections import deque
@@ -39,7 +37,7 @@ import torch.distributed as dist
 
 from sd3.batch import Batch
 from sd3.data.batches import SKIP_REASONS
-from sd3.dist.topology import Topology
+from sd3.dist.topology import Topology, exit_now
 
 log = logging.getLogger(__name__)
 
@@ -424,10 +422,7 @@ class BatchReceiver:
     def _exit_if_blocked(self) -> None:
         self._thread.join(timeout=1.0)
         if self._thread.is_alive():
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+            exit_now(1)
 
     def failure(self, wait_s: float = 2.0) -> LoaderFailed | None:
         """The loader's failure, if the receiving thread saw one (waiting up to `wait_s` for it to show).
