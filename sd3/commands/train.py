@@ -115,16 +115,15 @@ def train_model_rank(cfg: Config, topology, directory: Path | None, exact: bool,
                      after_train: Callable[[Any], None] | None = None) -> int:
     from sd3.train import signals
 
-    previous = signals.install()
-    try:
-        trainer = build_trainer(cfg, topology, directory, exact, keep_wandb)
-        code = trainer.train()
-        if after_train is not None:
-            after_train(trainer)
-        return code
-    finally:
-        signals.restore(previous)
-        signals.clear()
+    with signals.handled():
+        try:
+            trainer = build_trainer(cfg, topology, directory, exact, keep_wandb)
+            code = trainer.train()
+            if after_train is not None:
+                after_train(trainer)
+            return code
+        finally:
+            signals.clear()
 
 
 def build_trainer(cfg: Config, topology, directory: Path | None, exact: bool, keep_wandb: bool):

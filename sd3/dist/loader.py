@@ -65,20 +65,18 @@ def run_loader(cfg: Config, topology: Topology, start_step: int) -> int:
         raise ValueError(f"rank {topology.rank} is a {topology.role} rank, not a loader")
     # A stop signal does not stop a loader: it is forwarded in the headers (FLAG_STOP_REQUESTED), the model ranks
     # agree on a step and checkpoint, then ask this loader to stop.
-    previous = signals.install()
-    sender = BatchSender(topology)
-    try:
-        device = topology.device if cfg.encoders.device == "auto" else torch.device(cfg.encoders.device)
-        global_batch = cfg.data.batch_size * len(topology.consumers)
-        producer = BatchProducer(cfg, global_batch, topology.loader_index, topology.num_loaders, device)
-    except Exception as e:
-        text = f"{type(e).__name__}: {e}"
-        log.error("loader rank %d failed to start: %s\n%s", topology.rank, text, traceback.format_exc())
-        sender.send_error(text, start_step, kind=ERROR)
-        signals.restore(previous)
-        return 1
-    try:
-        return serve(topology, sender, producer, start_step)
-    finally:
-        producer.close()
-        signals.restore(previous)
+    with signals.handled():
+        sender = BatchSender(topology)
+        try:
+            device = topology.device if cfg.encoders.device == "auto" else torch.device(cfg.encoders.device)
+            global_batch = cfg.data.batch_size * len(topology.consumers)
+            producer = BatchProducer(cfg, global_batch, topology.loader_index, topology.num_loaders, device)
+        except Exception as e:
+            text = f"{type(e).__name__}: {e}"
+            log.error("loader rank %d failed to start: %s\n%s", topology.rank, text, traceback.format_exc())
+            sender.send_error(text, start_step, kind=ERROR)
+            return 1
+        try:
+            return serve(topology, sender, producer, start_step)
+        finally:
+            producer.close()

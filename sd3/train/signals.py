@@ -9,8 +9,10 @@ flag (`requested()`) and forward it to their consumers.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from typing import Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -37,6 +39,16 @@ def install() -> dict[int, object]:
 def restore(previous: dict[int, object]) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """`install` for the duration of a run, then the previous handlers back (`restore`)."""
+    previous = install()
+    try:
+        yield
+    finally:
+        restore(previous)
 
 
 def requested() -> bool:

@@ -111,13 +111,12 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(tiny_models, shapes
     cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, tmp_path, "--train.total_steps=50",
                                                   "--train.save_every=100"))
     device = torch.device("cpu")
-    previous = signals.install()
-    try:
-        trainer = Trainer(cfg, ModelRanks(device), SignalsAt(ColocatedSource(cfg, 0, 1, device, 0), at=2))
-        assert trainer.train() == signals.PREEMPTED_EXIT_CODE
-    finally:
-        signals.restore(previous)
-        signals.clear()
+    with signals.handled():
+        try:
+            trainer = Trainer(cfg, ModelRanks(device), SignalsAt(ColocatedSource(cfg, 0, 1, device, 0), at=2))
+            assert trainer.train() == signals.PREEMPTED_EXIT_CODE
+        finally:
+            signals.clear()
     # The signal arrived during step 3 (micro-step 2); the run finished that step, saved it and stopped.
     assert resolve_checkpoint(tmp_path) == tmp_path / "step-00000003"
     state = load_checkpoint(tmp_path / "step-00000003", map_location="cpu").train_state
