@@ -18,6 +18,17 @@ class Batch:
     pooled: torch.Tensor  # (B, P) CLIP pooled text projection
     row_ids: torch.Tensor  # (B,) int64 global row ids in the shard folder (for exactly-once accounting)
 
+    @classmethod
+    def empty(cls, latent_shape: tuple[int, int, int], context_shape: tuple[int, int], pooled_dim: int,
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "Batch":
+        """A batch of 0 rows with these per-row shapes, (C, h, w), (2T, D) and P: a step whose rows were all bad."""
+        return cls(
+            torch.empty(0, *latent_shape, dtype=dtype, device=device),  # (0, C, h, w)
+            torch.empty(0, *context_shape, dtype=dtype, device=device),  # (0, 2T, D)
+            torch.empty(0, pooled_dim, dtype=dtype, device=device),  # (0, P)
+            torch.empty(0, dtype=torch.int64, device=device),  # (0,)
+        )
+
     def __len__(self) -> int:
         return int(self.row_ids.shape[0])
 

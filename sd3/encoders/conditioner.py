@@ -57,12 +57,9 @@ class Conditioner:
 
     def empty(self, height: int, width: int) -> Batch:
         f = self.vae.downsample
-        return Batch(
-            torch.empty(0, self.vae.latent_channels, height // f, width // f, dtype=self.batch_dtype, device=self.device),
-            torch.empty(0, 2 * self.text.text_tokens, self.text.context_dim, dtype=self.batch_dtype, device=self.device),
-            torch.empty(0, self.text.pooled_dim, dtype=self.batch_dtype, device=self.device),
-            torch.empty(0, dtype=torch.int64, device=self.device),
-        )
+        return Batch.empty((self.vae.latent_channels, height // f, width // f),
+                           (2 * self.text.text_tokens, self.text.context_dim), self.text.pooled_dim,
+                           self.batch_dtype, self.device)
 
 
 def check_dims(cfg: Config, text: TextEncoders, vae: LatentVAE) -> None:

@@ -49,13 +49,8 @@ class BatchSource(Protocol):
 def empty_batch(cfg: Config, height: int, width: int) -> Batch:
     """A batch of 0 rows with the shapes of a (height, width) bucket: every row of the step was bad."""
     m = cfg.model
-    h, w = height // m.vae_downsample, width // m.vae_downsample
-    return Batch(
-        torch.zeros(0, m.in_channels, h, w),  # (0, C, h, w)
-        torch.zeros(0, 2 * m.text_tokens, m.context_dim),  # (0, 2T, D)
-        torch.zeros(0, m.pooled_dim),  # (0, P)
-        torch.zeros(0, dtype=torch.int64),  # (0,)
-    )
+    latent = (m.in_channels, height // m.vae_downsample, width // m.vae_downsample)
+    return Batch.empty(latent, (2 * m.text_tokens, m.context_dim), m.pooled_dim)
 
 
 class ColocatedSource:
