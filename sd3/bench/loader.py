@@ -30,17 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's default)")
 
 
-def ensure_tiny_models(cfg: Config, tmp: Path) -> str:
-    """Point [encoders] at tiny models written under `tmp` when the configured local folders do not exist."""
+def ensure_tiny_models(args: argparse.Namespace, cfg: Config, tmp: Path) -> tuple[Config, str]:
+    """The config with [encoders] pointed at tiny models written under `tmp` when the configured local folders do
+    not exist, and which it is."""
     enc = cfg.encoders
     if all(Path(p).exists() for p in (enc.clip, enc.gemma, enc.bert, enc.vae)):
-        return "configured"
-    from sd3.encoders.tiny import make_tiny
+        return cfg, "configured"
+    from sd3.encoders.tiny import make_tiny, tiny_overrides
 
     root = make_tiny(tmp / "tiny-models")
-    enc.clip, enc.gemma, enc.bert = str(root / "metaclip"), str(root / "gemma"), str(root / "modernbert")
-    enc.vae, enc.vae_subfolder = str(root / "flux"), "vae"
-    return "make_tiny"
+    return load_config(args.config, list(args.overrides) + tiny_overrides(root)), "make_tiny"
 
 
 def ensure_dataset(args: argparse.Namespace, cfg: Config, tmp: Path) -> tuple[Path, Path]:
@@ -64,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="sd3-bench-loader-") as tmp_name:
         tmp = Path(tmp_name)
-        models = ensure_tiny_models(cfg, tmp)
+        cfg, models = ensure_tiny_models(args, cfg, tmp)
         folder, index_path = ensure_dataset(args, cfg, tmp)
         index = BucketIndex.load(index_path, folder)
         batch_rows = args.batch or cfg.data.batch_size * cfg.topology.models_per_loader

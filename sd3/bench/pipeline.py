@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def prepare(workdir: Path) -> list[str]:
     """Tiny models + a small shapes dataset in `workdir` (each stage skipped when done); config overrides to use them."""
     from sd3.data.synthetic import prepare_shapes
-    from sd3.encoders.tiny import make_tiny
+    from sd3.encoders.tiny import make_tiny, tiny_overrides
 
     models = workdir / "tiny-models"
     if not (models / "metaclip").exists():
@@ -53,11 +53,10 @@ def prepare(workdir: Path) -> list[str]:
         make_tiny(models)
     data = prepare_shapes(workdir / "shapes", 600, max_res=64,
                           log=lambda stage, status: print(f"bench pipeline: {stage} {status}", flush=True))
-    return [f"--encoders.clip={models / 'metaclip'}", f"--encoders.gemma={models / 'gemma'}",
-            f"--encoders.bert={models / 'modernbert'}", f"--encoders.vae={models / 'flux'}",
-            f"--data.parquet_folder={data.phase}", f"--data.bucket_indices_path={data.index}",
-            "--topology.mode=loader", "--topology.backend=gloo", "--topology.loaders_per_node=1",
-            "--topology.models_per_loader=2"]
+    return tiny_overrides(models) + [
+        f"--data.parquet_folder={data.phase}", f"--data.bucket_indices_path={data.index}",
+        "--topology.mode=loader", "--topology.backend=gloo", "--topology.loaders_per_node=1",
+        "--topology.models_per_loader=2"]
 
 
 def main(args: argparse.Namespace) -> int:

@@ -139,10 +139,10 @@ def prepare_data(paths: Paths, args: argparse.Namespace) -> list[str]:
 
 def overrides(paths: Paths, args: argparse.Namespace) -> list[str]:
     """The tiny-cpu preset pointed at this quick start's files."""
-    m = paths.models
-    return [
-        f"--encoders.clip={m / 'metaclip'}", f"--encoders.gemma={m / 'gemma'}", f"--encoders.bert={m / 'modernbert'}",
-        f"--encoders.vae={m / 'flux'}", f"--data.parquet_folder={paths.phase}",
+    from sd3.encoders.tiny import tiny_overrides
+
+    return tiny_overrides(paths.models) + [
+        f"--data.parquet_folder={paths.phase}",
         f"--data.bucket_indices_path={paths.index}", f"--data.batch_size={args.batch_size}",
         f"--train.total_steps={args.steps}", f"--train.save_dir={paths.run}",
         f"--train.save_every={max(50, args.steps // 4)}", "--train.resume=auto",

@@ -181,3 +181,10 @@ def make_tiny(out_dir: str | Path, seed: int = 0, vae_weights: Path | None = TIN
         "vae_weights": str(vae_weights) if vae_weights is not None and Path(vae_weights).is_file() else "random",
     }, indent=2))
     return out
+
+
+def tiny_overrides(root: str | Path) -> list[str]:
+    """`--encoders.*` config overrides that point a preset at the tiny models `make_tiny` wrote under `root`."""
+    root = Path(root)
+    return [f"--encoders.clip={root / 'metaclip'}", f"--encoders.gemma={root / 'gemma'}",
+            f"--encoders.bert={root / 'modernbert'}", f"--encoders.vae={root / 'flux'}", "--encoders.vae_subfolder=vae"]
