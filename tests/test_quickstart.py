@@ -51,7 +51,7 @@ def test_quickstart_tiny_run_then_resume(tmp_path):
     assert second.stdout.strip().splitlines()[-1] == str(grid)
 
     # Other tiny models than the checkpoint was trained with (as after an upgrade): no silent resume.
-    marker = tmp_path / "data" / "tiny-models" / "make_tiny.json"
+    marker = tmp_path / "data" / "tiny-models" / ".complete"
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "vae": "older weights"}))
     third = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert third.returncode == 2

@@ -80,11 +80,12 @@ def main(args: argparse.Namespace) -> int:
 
 class Paths:
     def __init__(self, root: Path):
+        from sd3.data.synthetic import ShapesDataset
+
         self.root = root
         self.models = root / "data" / "tiny-models"
         self.data = root / "data" / "quickstart"
-        self.phase = self.data / "phase"
-        self.index = self.data / "bucket_indices.npz"
+        self.shapes = ShapesDataset.under(self.data)  # raw, phase, index
         self.run = root / "runs" / "quickstart"
         self.grid = self.run / "quickstart_grid.png"
 
@@ -97,7 +98,7 @@ def make_tiny_stage(paths: Paths, args: argparse.Namespace) -> tuple[int, list[s
 
     weights = Path(args.vae_weights) if args.vae_weights else TINY_VAE_WEIGHTS
     vae = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else f"trained {args.vae_steps} steps"
-    marker = paths.models / "make_tiny.json"
+    marker = paths.models / ".complete"  # make_tiny.json is make_tiny's own record; this is the stage's
     if marker.exists() and json.loads(marker.read_text()).get("vae") == vae and not args.force:
         print(f"[1/6] make-tiny: done already ({paths.models})", flush=True)
         return 0, []
@@ -132,8 +133,7 @@ def prepare_data(paths: Paths, args: argparse.Namespace) -> list[str]:
             ran.append(stage)
         print(f"[{numbers[stage]}/6] {stage}{'' if status == '...' else ':'} {status}", flush=True)
 
-    data = prepare_shapes(paths.data, args.n_images, max_res=64, seed=0, n_proc=2, progress=True, log=log)
-    assert (data.phase, data.index) == (paths.phase, paths.index)
+    prepare_shapes(paths.data, args.n_images, max_res=64, seed=0, n_proc=2, progress=True, log=log)
     return ran
 
 
@@ -142,8 +142,8 @@ def overrides(paths: Paths, args: argparse.Namespace) -> list[str]:
     from sd3.encoders.tiny import tiny_overrides
 
     return tiny_overrides(paths.models) + [
-        f"--data.parquet_folder={paths.phase}",
-        f"--data.bucket_indices_path={paths.index}", f"--data.batch_size={args.batch_size}",
+        f"--data.parquet_folder={paths.shapes.phase}",
+        f"--data.bucket_indices_path={paths.shapes.index}", f"--data.batch_size={args.batch_size}",
         f"--train.total_steps={args.steps}", f"--train.save_dir={paths.run}",
         f"--train.save_every={max(50, args.steps // 4)}", "--train.resume=auto",
         f"--train.num_threads={args.threads}",

@@ -185,6 +185,12 @@ class ShapesDataset:
     phase: Path  # phase shards (create-phase)
     index: Path  # bucket index .npz (create-indices)
 
+    @classmethod
+    def under(cls, root: str | Path) -> "ShapesDataset":
+        """Where `prepare_shapes(root, ...)` puts each stage's output."""
+        root = Path(root)
+        return cls(root / "raw", root / "phase", root / "bucket_indices.npz")
+
 
 def prepare_shapes(
     root: str | Path, n: int, max_res: int, seed: int = 0, *, shard_rows: int = 1000, n_proc: int = 1,
@@ -202,8 +208,7 @@ def prepare_shapes(
     from sd3.data.index import create_indices
     from sd3.data.phase import PhaseOptions, create_phase
 
-    root = Path(root)
-    data = ShapesDataset(root / "raw", root / "phase", root / "bucket_indices.npz")
+    data = ShapesDataset.under(root)
     settings = {"n": n, "max_res": max_res, "seed": seed, "version": SHAPES_VERSION}
     stages = (  # (name, output, marker, run)
         ("make-dataset", data.raw, data.raw / ".complete",
