@@ -19,6 +19,7 @@ processes are removed by the next save.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import re
 import shutil
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -218,27 +219,30 @@ def _write_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
     _fsync_path(path)
 
 
-def _write_state(path: Path, train_state: dict[str, Any]) -> None:
-    with open(path, "wb") as f:
-        torch.save(train_state, f)
+@contextlib.contextmanager
+def _durable(path: Path, mode: str) -> Iterator[IO]:
+    """open(path, mode) whose contents are on disk (flushed and fsynced) when the block ends."""
+    with open(path, mode) as f:
+        yield f
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_state(path: Path, train_state: dict[str, Any]) -> None:
+    with _durable(path, "wb") as f:
+        torch.save(train_state, f)
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
+    with _durable(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _write_latest(save_dir: Path, name: str) -> None:
     tmp = save_dir / f"{TMP_PREFIX}latest-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with _durable(tmp, "w") as f:
         f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, save_dir / LATEST)
     _fsync_path(save_dir)
 
@@ -360,6 +364,14 @@ def missing_files(path: Path) -> list[str]:
     return [f for f in REQUIRED_FILES if not (path / f).is_file()]
 
 
+def require_complete(path: Path) -> None:
+    """A one-line FileNotFoundError naming the first file a checkpoint directory lacks."""
+    missing = missing_files(path)
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {missing[0]}"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
 def _newest(save_dir: Path) -> Path | None:
     """The directory `latest` names if complete, else the newest complete step directory, else None."""
     latest = save_dir / LATEST
@@ -399,19 +411,14 @@ def resolve_checkpoint(spec: str | Path | None, save_dir: str | Path | None = No
                 f"no complete checkpoint in {path} (a step-* directory needs {', '.join(REQUIRED_FILES)})"
             )
         return found
-    missing = missing_files(path)
-    if missing:
-        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {missing[0]}"
-                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    require_complete(path)
     return path
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Loaded:
     """Read a checkpoint directory: weights via safetensors, state.pt with torch.load(weights_only=True)."""
     path = Path(path)
-    missing = missing_files(path)
-    if missing:
-        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {missing[0]}")
+    require_complete(path)
     device = str(torch.device(map_location))
     return Loaded(
         model_state=load_file(str(path / MODEL_FILE), device=device),
