@@ -41,6 +41,11 @@ class EMA:
             k: self._to_shadow(v).clone() for k, v in model.state_dict().items()
         }
 
+    def _check_keys(self, state: dict[str, torch.Tensor], where: str) -> None:
+        if state.keys() != self.shadow.keys():
+            diff = sorted(set(self.shadow) ^ set(state))
+            raise KeyError(f"EMA.{where}: keys differ from the model's the EMA was made for: {diff[:5]}")
+
     def _to_shadow(self, value: torch.Tensor) -> torch.Tensor:
         dtype = torch.float32 if value.is_floating_point() else value.dtype
         return value.detach().to(device=self.device, dtype=dtype)
@@ -49,9 +54,7 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         """One averaging step towards the current weights of `model`."""
         state = unwrap(model).state_dict()
-        if state.keys() != self.shadow.keys():
-            missing = sorted(set(self.shadow) ^ set(state))
-            raise KeyError(f"EMA.update: model keys differ from the EMA's: {missing[:5]}")
+        self._check_keys(state, "update")
         for key, shadow in self.shadow.items():
             value = self._to_shadow(state[key])
             if key in self._averaged:
@@ -65,9 +68,7 @@ class EMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if state.keys() != self.shadow.keys():
-            diff = sorted(set(self.shadow) ^ set(state))
-            raise KeyError(f"EMA.load_state_dict: keys differ from the model's: {diff[:5]}")
+        self._check_keys(state, "load_state_dict")
         for key, shadow in self.shadow.items():
             if state[key].shape != shadow.shape:
                 raise ValueError(
