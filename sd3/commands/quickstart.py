@@ -158,12 +158,11 @@ def run_cli(argv: list[str]) -> int:
 
 
 def finished_step(run_dir: Path) -> int:
-    """The step of the latest checkpoint in run_dir, or -1."""
-    latest = run_dir / "latest"
-    if not latest.is_file():
-        return -1
-    meta = run_dir / latest.read_text().strip() / "meta.json"
-    return int(json.loads(meta.read_text())["step"]) if meta.is_file() else -1
+    """The step of the checkpoint `--train.resume=auto` continues from in run_dir, or -1."""
+    from sd3.train.checkpoint import META_FILE, resolve_checkpoint
+
+    found = resolve_checkpoint("auto", save_dir=run_dir)
+    return int(json.loads((found / META_FILE).read_text())["step"]) if found is not None else -1
 
 
 def train(paths: Paths, args: argparse.Namespace) -> int:
