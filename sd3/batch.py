@@ -1,7 +1,7 @@
 """The unit of work a model rank consumes: one micro-batch of latents and text embeddings.
 
 Produced by the conditioner (on a loader rank, or in-process when colocated) or read back from cached
-shards; carried between ranks by sd3/dist/transport.py with its exact shapes.
+shards; carried between ranks by sd3/distributed/transport.py with its exact shapes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class Batch:
 
     @classmethod
     def empty(cls, latent_shape: tuple[int, int, int], context_shape: tuple[int, int], pooled_dim: int,
-              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "Batch":
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Batch:
         """A batch of 0 rows with these per-row shapes, (C, h, w), (2T, D) and P: a step whose rows were all bad."""
         return cls(
             torch.empty(0, *latent_shape, dtype=dtype, device=device),  # (0, C, h, w)
@@ -35,7 +35,7 @@ class Batch:
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         """Move to `device`; floating tensors are cast to `dtype` when given, row ids stay int64."""
         def move(t: torch.Tensor) -> torch.Tensor:
             if dtype is not None and t.is_floating_point():
@@ -44,7 +44,7 @@ class Batch:
 
         return Batch(*[move(t) for t in self.tensors()])
 
-    def split(self, n: int) -> list["Batch"]:
+    def split(self, n: int) -> list[Batch]:
         """`n` consecutive slices as even as possible (some may be empty when len(self) < n)."""
         sizes = [len(self) // n + (1 if i < len(self) % n else 0) for i in range(n)]
         parts = [torch.split(t, sizes) for t in self.tensors()]

@@ -188,7 +188,7 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, tree: dict[str, Any], source: str = "config") -> "Config":
+    def from_dict(cls, tree: dict[str, Any], source: str = "config") -> Config:
         cfg = cls()
         apply_tree(cfg, tree, source)
         return cfg

@@ -29,7 +29,6 @@ from sd3.model import build_model
 from sd3.model.flops import count_parameters
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=768, help="our model width (64 per head)")
     parser.add_argument("--blocks", type=int, default=4, help="our number of blocks (diffusers gets the depth that matches)")

@@ -62,7 +62,7 @@ def prepare(workdir: Path) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     from sd3.bench import print_result
     from sd3.config import load_config
-    from sd3.dist.topology import free_port
+    from sd3.distributed.topology import free_port
 
     overrides = prepare(Path(args.workdir)) + list(args.overrides)
     cfg = load_config(args.config, overrides)  # fail here, in one line, on a bad override
@@ -122,8 +122,8 @@ def worker(args: argparse.Namespace) -> int:
     import torch
 
     from sd3.config import load_config
-    from sd3.dist.loader import run_loader
-    from sd3.dist.topology import exit_now, init_distributed
+    from sd3.distributed.loader import run_loader
+    from sd3.distributed.topology import exit_now, init_distributed
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
@@ -147,7 +147,7 @@ def loader_busy(topo) -> dict:
     import torch
     import torch.distributed as dist
 
-    from sd3.dist.transport import TIMING_FIELDS
+    from sd3.distributed.transport import TIMING_FIELDS
 
     values = torch.zeros(len(TIMING_FIELDS) + 1, dtype=torch.float64)
     dist.broadcast(values, src=topo.loader_to_model[topo.rank][0])
@@ -162,7 +162,7 @@ def train_phase(cfg, topo, steps: int) -> dict:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from sd3.dist.transport import TIMING_FIELDS, BatchReceiver
+    from sd3.distributed.transport import TIMING_FIELDS, BatchReceiver
     from sd3.model import build_model
     from sd3.train.flow import add_noise, flow_loss, sample_timesteps, velocity_target
 
@@ -232,7 +232,7 @@ def measure(topo, batch, rounds: int, channel: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from sd3.dist.transport import BatchReceiver, BatchSender
+    from sd3.distributed.transport import BatchReceiver, BatchSender
 
     if topo.is_loader:
         sender = BatchSender(topo, channel=channel)

@@ -114,8 +114,8 @@ def measure_memory(args: argparse.Namespace) -> int:
     from diffusers import AutoencoderKL
 
     from sd3.config import load_config
-    from sd3.encoders.vae import LatentVAE
     from sd3.devices import resolve_device, resolve_dtype
+    from sd3.encoders.vae import LatentVAE
     from sd3.sample.pipeline import Pipeline, build_in_dtype, check_size, drop_vae_encoder
 
     cfg = load_config(args.measure_memory)
@@ -182,8 +182,14 @@ FLUX_VAE_CONFIG = dict(
 def real_size_text_encoders(cfg, device, dtype):
     """TextEncoders of the published sizes of the three encoders, random weights, in `dtype` (no fp32 copy)."""
     import torch
-    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, Gemma2Config, Gemma2Model,
-                              ModernBertConfig, ModernBertModel)
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        Gemma2Config,
+        Gemma2Model,
+        ModernBertConfig,
+        ModernBertModel,
+    )
 
     from sd3.encoders.text import TextEncoders
     from sd3.encoders.tiny import bert_tokenizer, clip_tokenizer, gemma_tokenizer

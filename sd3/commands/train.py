@@ -1,6 +1,6 @@
 """`sd3 train --config PRESET [--section.key=value ...]`: train the MMDiT.
 
-Under torchrun every process runs this; its role comes from [topology] (sd3/dist): loader ranks encode and
+Under torchrun every process runs this; its role comes from [topology] (sd3/distributed): loader ranks encode and
 send batches (`run_loader`), model ranks train (`Trainer`). With topology.mode=colocated or cached, every
 process is a model rank with its own data, and a single process needs no torchrun at all.
 
@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -90,14 +91,14 @@ def run(cfg: Config, after_train: Callable[[Any], None] | None = None) -> int:
 
 
 def run_rank(cfg: Config, after_train: Callable[[Any], None] | None) -> int:
-    from sd3.dist import init_distributed, shutdown_distributed
+    from sd3.distributed import init_distributed, shutdown_distributed
 
     topology = init_distributed(cfg)
     who = f"rank {topology.rank} ({topology.role})"
     try:
         directory, exact, keep_wandb = resume_plan(cfg)
         if topology.is_loader:
-            from sd3.dist.loader import run_loader
+            from sd3.distributed.loader import run_loader
 
             start = 0
             if directory is not None and exact:

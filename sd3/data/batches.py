@@ -12,10 +12,10 @@ resizing would silently distort its aspect ratio.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +25,7 @@ from sd3.config import DataConfig
 from sd3.data.captions import caption_text, choose_long, clean_caption
 from sd3.data.images import BadImage, decode_image, to_array
 from sd3.data.sampler import PURPOSE_CAPTIONS, SamplerBatch
-from sd3.data.shards import ShardReadError, ShardReader, image_values, text_values
+from sd3.data.shards import ShardReader, ShardReadError, image_values, text_values
 
 SKIP_REASONS = (
     "empty_image",  # None or zero bytes
@@ -112,7 +112,7 @@ class RowLoader:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
-    def __enter__(self) -> "RowLoader":
+    def __enter__(self) -> RowLoader:
         return self
 
     def __exit__(self, *exc) -> None:

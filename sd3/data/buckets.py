@@ -12,7 +12,7 @@ Two modes:
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 from PIL import Image
 
@@ -40,7 +40,7 @@ def exact_size(height: int, width: int, max_res: int, patch_size: int = 16) -> t
     return min(h, cap), min(w, cap)
 
 
-@lru_cache(maxsize=None)
+@cache
 def area_buckets(max_res: int, patch_size: int = 16) -> tuple[tuple[int, int], ...]:
     """Sizes (height, width), multiples of patch_size, of at most max_res² pixels, aspect 1:4 .. 4:1."""
     target = max_res * max_res

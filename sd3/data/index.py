@@ -122,7 +122,7 @@ class BucketIndex:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path, folder: str | Path | None = None) -> "BucketIndex":
+    def load(cls, path: str | Path, folder: str | Path | None = None) -> BucketIndex:
         """Read an index; with `folder`, also check that the folder still matches it (IndexMismatchError if not)."""
         path = Path(path)
         if not path.is_file():

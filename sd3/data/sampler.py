@@ -20,8 +20,9 @@ Buckets whose share is smaller than `min_bucket_size` (0 = the global batch size
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class SamplerBatch:
     def numpy_rng(self, purpose: int) -> np.random.Generator:
         return np.random.default_rng(self.seed(purpose))
 
-    def torch_generator(self, purpose: int, device: str = "cpu") -> "torch.Generator":
+    def torch_generator(self, purpose: int, device: str = "cpu") -> torch.Generator:
         import torch
 
         return torch.Generator(device).manual_seed(self.seed(purpose))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -186,7 +186,7 @@ class ShapesDataset:
     index: Path  # bucket index .npz (create-indices)
 
     @classmethod
-    def under(cls, root: str | Path) -> "ShapesDataset":
+    def under(cls, root: str | Path) -> ShapesDataset:
         """Where `prepare_shapes(root, ...)` puts each stage's output."""
         root = Path(root)
         return cls(root / "raw", root / "phase", root / "bucket_indices.npz")

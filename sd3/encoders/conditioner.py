@@ -40,7 +40,7 @@ class Conditioner:
         check_dims(cfg, self.text, self.vae)
 
     @torch.inference_mode()
-    def __call__(self, raw: "RawBatch", generator: torch.Generator | None = None) -> Batch:
+    def __call__(self, raw: RawBatch, generator: torch.Generator | None = None) -> Batch:
         """raw.images (B, 3, H, W) in [-1, 1], raw.captions (B,) -> Batch on this conditioner's device.
 
         generator: draws the VAE posterior samples (pass the sampler's per-step generator for a replayable stream).

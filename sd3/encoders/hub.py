@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 from dotenv import dotenv_values, find_dotenv
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
-from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as hf_logging
 
 from sd3 import devices

@@ -1,6 +1,6 @@
 """The loader's work for one sampler step: the step's rows -> decoded images + captions -> encoders -> Batch.
 
-One piece of code wherever batches are encoded — a loader rank (sd3/dist/loader.py), a colocated model rank
+One piece of code wherever batches are encoded — a loader rank (sd3/distributed/loader.py), a colocated model rank
 (sd3/train/sources.py) and `sd3 cache` — so that the same (seed, loader_index, num_loaders, step) gives the
 same batch in every mode: the VAE posterior sample of step k is drawn with a generator seeded by the sampler's
 seed_for_step(k), and the captions of step k are chosen from the same seed by the RowLoader.

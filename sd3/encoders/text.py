@@ -61,7 +61,7 @@ class TextEncoders:
         self.clip_tokens = clip.config.max_position_embeddings
 
     @classmethod
-    def load(cls, cfg: EncodersConfig, text_tokens: int, device: torch.device | str = "auto") -> "TextEncoders":
+    def load(cls, cfg: EncodersConfig, text_tokens: int, device: torch.device | str = "auto") -> TextEncoders:
         device = resolve_device(device)
         dtype = resolve_dtype(cfg.text_dtype)
         clip = load_pretrained(CLIPTextModelWithProjection.from_pretrained, "encoders.clip", cfg.clip, dtype=dtype)

@@ -23,8 +23,8 @@ Reconstruction is measured by PSNR (peak 1 on [0, 1] pixels) over held-out shape
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -36,7 +36,7 @@ class LatentVAE:
 
     @classmethod
     def load(cls, path: str, subfolder: str = "vae", device: torch.device | str = "auto", dtype: str = "bf16",
-             with_decoder: bool = True) -> "LatentVAE":
+             with_decoder: bool = True) -> LatentVAE:
         device = resolve_device(device)
         vae = load_pretrained(AutoencoderKL.from_pretrained, "encoders.vae", path,
                               subfolder=subfolder or None, torch_dtype=resolve_dtype(dtype))

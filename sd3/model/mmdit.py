@@ -13,7 +13,15 @@ from torch.utils.checkpoint import checkpoint
 
 from sd3.config import ModelConfig
 from sd3.model.attention import attention, check_backend, resolve_backend
-from sd3.model.layers import HeadRMSNorm, Modulation, PatchEmbedding, TextPartEmbedding, TimestepEmbedding, adaptive_norm, make_mlp
+from sd3.model.layers import (
+    HeadRMSNorm,
+    Modulation,
+    PatchEmbedding,
+    TextPartEmbedding,
+    TimestepEmbedding,
+    adaptive_norm,
+    make_mlp,
+)
 from sd3.model.rope import Rope2d, sincos_2d
 
 POSITIONAL_ENCODINGS = ("RoPE2d", "absolute", "NoPE")

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
@@ -123,7 +123,7 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str | torch.device = "auto",
                         dtype: str | torch.dtype = "bf16", use_ema: bool = True, overrides: list[str] = (),
-                        offload: bool | None = None) -> "Pipeline":
+                        offload: bool | None = None) -> Pipeline:
         """A checkpoint directory (or a save_dir with a `latest` file) -> a ready pipeline.
 
         `overrides` (`encoders.vae=PATH`, ...) repoint encoder paths when the checkpoint moved machines.
@@ -271,10 +271,10 @@ class Pipeline:
 
     # -- device juggling -------------------------------------------------------------------------------------
 
-    def on_device(self, part) -> "_Visit":
+    def on_device(self, part) -> _Visit:
         return _Visit(part, self.device, self.home)
 
-    def off_device(self, part) -> "_Visit":
+    def off_device(self, part) -> _Visit:
         """While the text encoders run, the MMDiT waits on the CPU: one stage's models on the device at a time."""
         return _Visit(part, self.home, self.device)
 

@@ -18,7 +18,8 @@ x0 = x_t - t·v and eps = x_t + (1 - t)·v for any point on a path.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

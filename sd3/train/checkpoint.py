@@ -27,8 +27,9 @@ import random
 import re
 import shutil
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import torch

@@ -1,6 +1,6 @@
 """Where a model rank's micro-batches come from. Three sources, one interface, the same Trainer:
 
-- RemoteSource (topology.mode=loader): a dedicated loader rank encodes and sends (sd3/dist BatchReceiver).
+- RemoteSource (topology.mode=loader): a dedicated loader rank encodes and sends (sd3/distributed BatchReceiver).
 - ColocatedSource (mode=colocated): RowLoader + Conditioner run in this process, one step ahead in a thread.
 - CachedSource (mode=cached): batches read back from the cache `sd3 cache` wrote (sd3/data/cached.py).
 
@@ -117,10 +117,10 @@ class CachedSource:
 
 
 class RemoteSource:
-    """Batches from this rank's loader over torch.distributed (sd3/dist). Raises LoaderFailed when it dies."""
+    """Batches from this rank's loader over torch.distributed (sd3/distributed). Raises LoaderFailed when it dies."""
 
     def __init__(self, topology, start_step: int):
-        from sd3.dist import BatchReceiver
+        from sd3.distributed import BatchReceiver
 
         self.receiver = BatchReceiver(topology, start_step)
         self.num_loaders = topology.num_loaders

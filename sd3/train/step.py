@@ -17,7 +17,6 @@ from sd3.config import TrainConfig
 from sd3.devices import resolve_dtype
 
 
-
 def stream_seed(seed: int, *keys: int | str) -> int:
     """A 63-bit seed for the RNG stream named by (seed, keys...), e.g. (seed, step, rank, "noise").
 

@@ -39,7 +39,6 @@ from sd3.train.schedule import build_scheduler
 from sd3.train.sources import BatchSource
 from sd3.train.step import build_optimizer, generator, resolve_precision, stream_seed
 
-
 # Reasons a row can be skipped, as a fixed vocabulary: the RowLoader's, the cache's, and anything else a source
 # reports (folded into "other" so no count is lost).
 SKIP_VOCABULARY = (*SKIP_REASONS, SKIP_NOT_CACHED, "other")

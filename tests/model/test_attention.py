@@ -5,10 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from model.tiny import tiny_config
 from sd3.model import attention as attn
 from sd3.model import build_model
-
-from model.tiny import tiny_config
 
 
 def reference_attention(q, k, v):

@@ -3,10 +3,9 @@ import dataclasses
 import pytest
 import torch
 
+from model.tiny import make_inputs, tiny_config
 from sd3.model import build_model
 from sd3.model.flops import count_parameters
-
-from model.tiny import make_inputs, tiny_config
 
 
 def perturb_zero_init(model) -> None:

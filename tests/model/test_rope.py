@@ -1,11 +1,9 @@
 import pytest
 import torch
 
-from sd3.model import build_model
-from sd3.model import mmdit
-from sd3.model.rope import Rope2d
-
 from model.tiny import make_inputs, tiny_config
+from sd3.model import build_model, mmdit
+from sd3.model.rope import Rope2d
 
 
 def captured_qk(model, inputs, monkeypatch):

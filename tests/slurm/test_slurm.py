@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from slurm_cluster import REPO, Cluster, local_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

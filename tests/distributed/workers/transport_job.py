@@ -1,7 +1,7 @@
-"""One rank of a 3-rank job (1 loader feeding 2 model ranks) that exercises sd3.dist for real over gloo.
+"""One rank of a 3-rank job (1 loader feeding 2 model ranks) that exercises sd3.distributed for real over gloo.
 
 Run under torchrun (`python transport_job.py SCENARIO STEPS OUT_DIR`), or forked by fork_jobs.py (`run()`). The loader runs the
-real loop (sd3.dist.loader.serve) with a stand-in producer of random Batches whose shapes change every step (as
+real loop (sd3.distributed.loader.serve) with a stand-in producer of random Batches whose shapes change every step (as
 buckets do); each model rank receives with the real BatchReceiver, checks every batch against the producer's
 own output, and writes what it saw to OUT_DIR/rank-R.json before exiting.
 
@@ -26,9 +26,9 @@ import torch.distributed as dist
 
 from sd3.batch import Batch
 from sd3.config import Config
-from sd3.dist.loader import run_loader, serve
-from sd3.dist.topology import exit_now, init_distributed
-from sd3.dist.transport import BatchReceiver, BatchSender, LoaderFailed
+from sd3.distributed.loader import run_loader, serve
+from sd3.distributed.topology import exit_now, init_distributed
+from sd3.distributed.transport import BatchReceiver, BatchSender, LoaderFailed
 from sd3.train import signals
 
 PER_RANK = 3

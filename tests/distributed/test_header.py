@@ -5,9 +5,18 @@ import torch
 
 from sd3.batch import Batch
 from sd3.data.batches import SKIP_REASONS
-from sd3.dist.transport import (
-    DATA, ERROR, FLAG_STOP_REQUESTED, HEADER_LEN, MAGIC, TIMING_FIELDS, LoaderFailed, decode_header, decode_message,
-    encode_header, encode_message,
+from sd3.distributed.transport import (
+    DATA,
+    ERROR,
+    FLAG_STOP_REQUESTED,
+    HEADER_LEN,
+    MAGIC,
+    TIMING_FIELDS,
+    LoaderFailed,
+    decode_header,
+    decode_message,
+    encode_header,
+    encode_message,
 )
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from sd3.dist.transport import ReceiveBuffers
+from sd3.distributed.transport import ReceiveBuffers
 
 SPECS = [(torch.float32, (3, 4, 8, 8)), (torch.bfloat16, (3, 10, 7)), (torch.float32, (3, 5)), (torch.int64, (3,))]
 

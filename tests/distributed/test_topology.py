@@ -3,7 +3,7 @@
 import pytest
 
 from sd3.config import TopologyConfig, load_config
-from sd3.dist.topology import Topology, TopologyError
+from sd3.distributed.topology import Topology, TopologyError
 
 
 def resolve(world: int, rank: int, local: int | None = None, **kw) -> Topology:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from sd3.batch import Batch
 from sd3.data.batches import SKIP_REASONS
-from sd3.dist.topology import Topology, exit_now
+from sd3.distributed.topology import Topology, exit_now
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import transport_job  # imports torch, torch.distributed and sd3.dist before any fork
-from sd3.dist.topology import free_port
+import transport_job  # imports torch, torch.distributed and sd3.distributed before any fork
+
+from sd3.distributed.topology import free_port
 
 STEPS = 12
 TIMEOUT_S = 60.0  # the bound: every rank out within 60 s

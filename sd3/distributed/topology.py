@@ -89,7 +89,7 @@ class Topology:
         return self.rank == self.model_ranks[0]
 
     @staticmethod
-    def resolve(cfg: TopologyConfig, world_size: int, rank: int, local_world_size: int | None = None) -> "Topology":
+    def resolve(cfg: TopologyConfig, world_size: int, rank: int, local_world_size: int | None = None) -> Topology:
         """Roles of `rank` in a job of `world_size` ranks with `local_world_size` ranks per node (pure)."""
         if cfg.mode not in MODES:
             raise TopologyError(f"topology.mode '{cfg.mode}' is not one of {', '.join(MODES)}")

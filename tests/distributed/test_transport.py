@@ -1,4 +1,4 @@
-"""sd3.dist over real gloo: 1 loader rank feeding 2 model ranks, under torchrun and as separate processes.
+"""sd3.distributed over real gloo: 1 loader rank feeding 2 model ranks, under torchrun and as separate processes.
 
 Workers: workers/transport_job.py (one rank; the loader runs the real serve loop with a stand-in producer of
 random Batches whose bucket shapes change every step) and workers/fork_jobs.py (several such jobs at once, each
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sd3.dist.topology import free_port
+from sd3.distributed.topology import free_port
 
 WORKERS = Path(__file__).parent / "workers"
 STEPS = 12

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from sd3.batch import Batch
 from sd3.config import Config
-from sd3.dist.topology import Topology
-from sd3.dist.transport import ERROR, FLAG_STOP_REQUESTED, STOP, BatchSender, ConsumerFailed
+from sd3.distributed.topology import Topology
+from sd3.distributed.transport import ERROR, FLAG_STOP_REQUESTED, STOP, BatchSender, ConsumerFailed
 from sd3.encoders.producer import BatchProducer
 from sd3.train import signals
 
