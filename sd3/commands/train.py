@@ -114,7 +114,7 @@ def run_rank(cfg: Config, after_train: Callable[[Any], None] | None) -> int:
 
 def train_model_rank(cfg: Config, topology, directory: Path | None, exact: bool, keep_wandb: bool,
                      after_train: Callable[[Any], None] | None = None) -> int:
-    from sd3.train import signals
+    from sd3.distributed import signals
 
     with signals.handled():
         try:
