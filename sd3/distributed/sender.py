@@ -118,9 +118,11 @@ class BatchSender:
         header = encode_header(self.layout, DATA, step, batch, timings, skipped, flags)
         self._send(consumer, header, step, batch.tensors())
 
-    def send_error(self, text: str, step: int, kind: int = ERROR, timeout_s: float = 30.0) -> None:
+    def send_error(self, text: str, step: int, kind: int = ERROR, timeout_s: float | None = None) -> None:
         """Tell every consumer still listening that this loader failed (ERROR) or stops because of another rank
-        (STOP), and wait up to `timeout_s` for them to take it. Never raises: the loader is going down anyway."""
+        (STOP), and wait up to `timeout_s` (default: 30 s, at most the transport timeout) for them to take it.
+        Never raises: the loader is going down anyway."""
+        timeout_s = min(30.0, self.topo.timeout_s) if timeout_s is None else timeout_s
         msg = encode_message(text)
         targets = self.active
         for c in targets:
