@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from distributed.fake_nccl import FakeCuda, FakeNet
 from sd3.batch import Batch
-from sd3.config import Config
+from sd3.config import Config, load_config
 from sd3.distributed import heartbeat, topology
 from sd3.distributed.errors import LoaderFailed
 from sd3.distributed.loader import serve
@@ -273,3 +273,8 @@ def test_gpu_ready_process_group_timeout_exceeds_the_transport_timeout(monkeypat
     finally:
         topology.shutdown_distributed()
     assert base.get("sd3/heartbeat/rank1").startswith(b"done:")
+
+
+@pytest.mark.parametrize("preset", ["sd3-1b-256", "sd3-1b-512", "sd3-1b-1024"])
+def test_gpu_ready_reference_presets_send_bf16_batches(preset):
+    assert load_config(preset).encoders.batch_dtype == "bf16"  # half the bytes of fp32 per loader step
