@@ -108,7 +108,8 @@ def run_rank(cfg: Config, after_train: Callable[[Any], None] | None) -> int:
         return train_model_rank(cfg, topology, directory, exact, keep_wandb, after_train)
     except Exception as e:  # noqa: BLE001 - one line naming the rank, then a non-zero exit
         # A rank whose heartbeat stopped is named first: it is the likely cause of this one's timeout.
-        text = name_hung_first(topology.store, list(range(topology.world_size)), f"{type(e).__name__}: {e}", topology.rank)
+        text = name_hung_first(topology.store, list(range(topology.world_size)), f"{type(e).__name__}: {e}",
+                               topology.rank)
         print(f"sd3 train: {who}: {text}", file=sys.stderr, flush=True)
         return 1
     finally:
