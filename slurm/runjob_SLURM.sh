@@ -27,8 +27,17 @@ set -uo pipefail
 CONFIG=${SD3_CONFIG:-sd3-1b-256}              # preset name in sd3/configs or a path to a .toml file
 NNODES=${SLURM_JOB_NUM_NODES:?run this script with sbatch}
 NPROC=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}   # processes per node: one per GPU (loader ranks included)
-PORT=${SD3_RDZV_PORT:-$((29500 + SLURM_JOB_ID % 10000))}
-SHUTDOWN_TIMEOUT=${SD3_SHUTDOWN_TIMEOUT:-300}   # seconds torchrun waits for ranks to checkpoint and exit after a signal
+# Rendezvous port: below Linux's ephemeral range (32768+, where outgoing connections take their local ports), so
+# another process cannot already hold it by chance; spread by job id so jobs sharing a head node do not collide.
+PORT=${SD3_RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+# Seconds torchrun waits for ranks to checkpoint and exit after a signal; must end before SLURM's kill, which
+# comes 90 s after the --signal=B:USR1@90 notice below.
+SHUTDOWN_TIMEOUT=${SD3_SHUTDOWN_TIMEOUT:-75}
+# How the head node's address is found: scontrol (the NodeAddr SLURM itself uses to reach it), hostname-I (its
+# first address, or the one on SD3_IFNAME), or hostname (what its name resolves to). SD3_HEAD_ADDR sets it outright.
+HEAD_ADDR_FROM=${SD3_HEAD_ADDR_FROM:-scontrol}
+# SD3_IFNAME (e.g. ib0, eth1): the interface for the rendezvous address and, unless already set, for NCCL and gloo.
+IFNAME=${SD3_IFNAME:-}
 if [ -n "${SD3_VENV:-}" ]; then
     # shellcheck disable=SC1091
     source "$SD3_VENV/bin/activate"
@@ -38,7 +47,12 @@ PYTHON=${SD3_PYTHON:-python3}
 # ---- NCCL: every network setting in one place; a value already in the environment wins ----
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a dead rank ends the job, not a hang
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-# Set NCCL_SOCKET_IFNAME (e.g. ib0) and NCCL_IB_HCA before sbatch when your nodes need them; they pass through.
+# NCCL's and gloo's bootstrap sockets pick an interface by themselves and may pick one other nodes cannot reach.
+# NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (and NCCL_IB_HCA) set before sbatch pass through; SD3_IFNAME sets both.
+if [ -n "$IFNAME" ]; then
+    export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$IFNAME}
+    export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$IFNAME}
+fi
 
 # torchrun must pass SIGUSR1 on to its ranks instead of dying of it (newer torchrun reads PET_*, older TORCHELASTIC_*),
 # and give them time to write their checkpoint before it kills them.
@@ -49,6 +63,18 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT
 if [ -z "$NPROC" ]; then
     echo "runjob_SLURM: no GPUs allocated: request them (--gres=gpu:N) or set NPROC_PER_NODE" >&2
     exit 2
+fi
+if ! [[ "$PORT" =~ ^[0-9]+$ ]] || [ "$PORT" -lt 1024 ] || [ "$PORT" -ge 32768 ]; then
+    echo "runjob_SLURM: SD3_RDZV_PORT=$PORT: use a port in 1024..32767 (32768 and up is the ephemeral range)" >&2
+    exit 2
+fi
+case "$HEAD_ADDR_FROM" in scontrol|hostname-I|hostname) ;; *)
+    echo "runjob_SLURM: SD3_HEAD_ADDR_FROM=$HEAD_ADDR_FROM: use scontrol, hostname-I or hostname" >&2
+    exit 2 ;;
+esac
+if [ "$SHUTDOWN_TIMEOUT" -ge 90 ]; then
+    echo "runjob_SLURM: warning: SD3_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT s is not below the 90 s between SLURM's" \
+        "USR1 notice and its kill: a checkpoint still being written then is lost" >&2
 fi
 
 log() { echo "[runjob_SLURM $(date -u +%H:%M:%S)] $*"; }
@@ -72,7 +98,18 @@ requeue() {
 }
 
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-head_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address | awk '{ print $1 }')
+on_head() { srun --nodes=1 --ntasks=1 -w "$head_node" "$@"; }
+if [ -n "${SD3_HEAD_ADDR:-}" ]; then
+    head_ip=$SD3_HEAD_ADDR
+elif [ -n "$IFNAME" ]; then
+    head_ip=$(on_head ip -4 -o addr show dev "$IFNAME" | awk '{ sub("/.*", "", $4); print $4; exit }')
+elif [ "$HEAD_ADDR_FROM" = scontrol ]; then
+    head_ip=$(scontrol show node "$head_node" | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' | head -n1)
+elif [ "$HEAD_ADDR_FROM" = hostname-I ]; then
+    head_ip=$(on_head hostname -I | awk '{ print $1 }')
+else
+    head_ip=$(on_head hostname --ip-address | awk '{ print $1 }')
+fi
 # torchrun on the head node hosts the rendezvous only if this address is one its own hostname resolves to, so it
 # must be that one; but other nodes cannot reach a loopback address (Debian maps a host's name to 127.0.1.1).
 if [ -z "$head_ip" ] || { [ "$NNODES" -gt 1 ] && [[ "$head_ip" == 127.* ]]; }; then
@@ -83,12 +120,21 @@ fi
 [ "$preempted" = 1 ] && requeue "SIGUSR1 before training started"
 log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x $NPROC process(es), head $head_node ($head_ip:$PORT), config $CONFIG"
 
+# CPUs per task (one task per node): SLURM_CPUS_ON_NODE is the batch node's count only, and nodes may differ, so
+# take the smallest of the allocation's per-node counts (SLURM_JOB_CPUS_PER_NODE, e.g. "96(x2),64") and say so.
+cpus=$(echo "${SLURM_JOB_CPUS_PER_NODE:-$SLURM_CPUS_ON_NODE}" | tr ',' '\n' | sed 's/(x[0-9]*)//' | sort -n | head -n1)
+if [ "$(echo "${SLURM_JOB_CPUS_PER_NODE:-}" | tr ',' '\n' | sed 's/(x[0-9]*)//' | sort -u | wc -l)" -gt 1 ]; then
+    log "nodes have different CPU counts ($SLURM_JOB_CPUS_PER_NODE): every node's torchrun gets $cpus"
+fi
+# `--no-python ... sd3 train`: the installed console script, not `-m sd3`, which would put the working directory
+# first on sys.path and import a checkout named sd3/ there instead of the installed package.
+SD3=${SD3_ENTRY:-$(dirname "$(command -v "$PYTHON")")/sd3}
 # In the background so the trap runs as soon as the signal arrives (bash defers traps until a foreground child exits).
-srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE" --kill-on-bad-exit=1 \
+srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
     "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --nproc_per_node "$NPROC" \
     --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$head_ip:$PORT" \
-    -m sd3 train --config "$CONFIG" --train.resume=auto "$@" &
+    --no-python "$SD3" train --config "$CONFIG" --train.resume=auto "$@" &
 step_pid=$!
 
 # `wait` returns early when a trapped signal arrives; keep waiting until the step itself has exited.

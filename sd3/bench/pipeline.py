@@ -147,7 +147,7 @@ def loader_busy(topo) -> dict:
     import torch
     import torch.distributed as dist
 
-    from sd3.distributed.transport import TIMING_FIELDS
+    from sd3.distributed.stats import TIMING_FIELDS
 
     values = torch.zeros(len(TIMING_FIELDS) + 1, dtype=torch.float64)
     dist.broadcast(values, src=topo.loader_to_model[topo.rank][0])
@@ -162,7 +162,8 @@ def train_phase(cfg, topo, steps: int) -> dict:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from sd3.distributed.transport import TIMING_FIELDS, BatchReceiver
+    from sd3.distributed.receiver import BatchReceiver
+    from sd3.distributed.stats import TIMING_FIELDS
     from sd3.model import build_model
     from sd3.train.flow import add_noise, flow_loss, sample_timesteps, velocity_target
 
@@ -232,7 +233,8 @@ def measure(topo, batch, rounds: int, channel: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from sd3.distributed.transport import BatchReceiver, BatchSender
+    from sd3.distributed.receiver import BatchReceiver
+    from sd3.distributed.sender import BatchSender
 
     if topo.is_loader:
         sender = BatchSender(topo, channel=channel)

@@ -92,6 +92,7 @@ def run(cfg: Config, after_train: Callable[[Any], None] | None = None) -> int:
 
 def run_rank(cfg: Config, after_train: Callable[[Any], None] | None) -> int:
     from sd3.distributed import init_distributed, shutdown_distributed
+    from sd3.distributed.heartbeat import name_hung_first
 
     topology = init_distributed(cfg)
     who = f"rank {topology.rank} ({topology.role})"
@@ -106,7 +107,10 @@ def run_rank(cfg: Config, after_train: Callable[[Any], None] | None) -> int:
             return run_loader(cfg, topology, start)
         return train_model_rank(cfg, topology, directory, exact, keep_wandb, after_train)
     except Exception as e:  # noqa: BLE001 - one line naming the rank, then a non-zero exit
-        print(f"sd3 train: {who}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        # A rank whose heartbeat stopped is named first: it is the likely cause of this one's timeout.
+        text = name_hung_first(topology.store, list(range(topology.world_size)), f"{type(e).__name__}: {e}",
+                               topology.rank)
+        print(f"sd3 train: {who}: {text}", file=sys.stderr, flush=True)
         return 1
     finally:
         shutdown_distributed()
@@ -114,7 +118,7 @@ def run_rank(cfg: Config, after_train: Callable[[Any], None] | None) -> int:
 
 def train_model_rank(cfg: Config, topology, directory: Path | None, exact: bool, keep_wandb: bool,
                      after_train: Callable[[Any], None] | None = None) -> int:
-    from sd3.train import signals
+    from sd3.distributed import signals
 
     with signals.handled():
         try:

@@ -21,10 +21,12 @@ import torch
 
 from sd3.batch import Batch
 from sd3.config import Config
+from sd3.distributed import signals
+from sd3.distributed.errors import ConsumerFailed
+from sd3.distributed.sender import BatchSender
 from sd3.distributed.topology import Topology
-from sd3.distributed.transport import ERROR, FLAG_STOP_REQUESTED, STOP, BatchSender, ConsumerFailed
+from sd3.distributed.wire import ERROR, FLAG_STOP_REQUESTED, STOP
 from sd3.encoders.producer import BatchProducer
-from sd3.train import signals
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,12 @@ def serve(topology: Topology, sender: BatchSender, produce: Produce, start_step:
     try:
         while sender.active:
             sender.poll()
+            if topology.heartbeat is not None:
+                topology.heartbeat.progress(step)
             batch, timings, skipped = produce(step)  # (B_global, ...)
             flags = FLAG_STOP_REQUESTED if signals.requested() else 0
-            for consumer, part in zip(consumers, batch.split(len(consumers))):  # consecutive slices, consumer order
+            # Consecutive slices, in consumer order.
+            for consumer, part in zip(consumers, batch.split(len(consumers)), strict=True):
                 sender.send(consumer, step, part, timings, skipped, flags)
             step += 1
         sender.close()

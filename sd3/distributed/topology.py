@@ -27,9 +27,19 @@ import torch
 import torch.distributed as dist
 
 from sd3.config import Config, ConfigError, TopologyConfig
+from sd3.distributed.heartbeat import Heartbeat, close_heartbeats
+from sd3.distributed.p2p import warm_up
 
 MODES = ("loader", "colocated", "cached")
 BACKENDS = ("auto", "nccl", "gloo")
+# The process group's own timeout (NCCL's watchdog, gloo's collectives) is kept this much longer than the
+# transport's, so the transport's message naming the silent rank comes first instead of racing the watchdog's SIGABRT.
+PG_TIMEOUT_MARGIN_S = 120.0
+
+
+def process_group_timeout(transport_s: float) -> datetime.timedelta:
+    """The process-group timeout for a transport timeout of `transport_s` seconds."""
+    return datetime.timedelta(seconds=transport_s + PG_TIMEOUT_MARGIN_S)
 
 
 class TopologyError(ConfigError):
@@ -65,6 +75,8 @@ class Topology:
     timeout_s: float = 600.0
     max_in_flight: int = 2
     model_group: dist.ProcessGroup | None = None  # DDP's group (None on loader ranks and in a single process)
+    store: dist.Store | None = None  # the job's c10d store (transport back-channel, heartbeats); None in one process
+    heartbeat: Heartbeat | None = None  # this rank's heartbeat in `store` (sd3/distributed/heartbeat.py)
 
     @property
     def is_loader(self) -> bool:
@@ -120,7 +132,7 @@ class Topology:
             return Topology(role="loader", loader_to_model=mapping, model_ranks=model_ranks, my_loader=None,
                             consumers=list(mapping[rank]), loader_index=loaders.index(rank), num_loaders=len(loaders),
                             **common)
-        my_loader = next(l for l, consumers in mapping.items() if rank in consumers)
+        my_loader = next(ld for ld, consumers in mapping.items() if rank in consumers)
         return Topology(role="model", loader_to_model=mapping, model_ranks=model_ranks, my_loader=my_loader,
                         consumers=[], loader_index=loaders.index(my_loader), num_loaders=len(loaders),
                         consumer_index=mapping[my_loader].index(rank), **common)
@@ -150,8 +162,8 @@ def _per_node_map(cfg: TopologyConfig, world_size: int, local_world_size: int) -
                             f"{local_world_size}); set topology.loader_to_model explicitly")
     if per_node != local_world_size:
         raise TopologyError(f"topology.loaders_per_node {cfg.loaders_per_node} x (1 + models_per_loader "
-                            f"{cfg.models_per_loader}) = {per_node} ranks per node, but each node runs {local_world_size} "
-                            f"(LOCAL_WORLD_SIZE); change them or set topology.loader_to_model")
+                            f"{cfg.models_per_loader}) = {per_node} ranks per node, but each node runs "
+                            f"{local_world_size} (LOCAL_WORLD_SIZE); change them or set topology.loader_to_model")
     mapping: dict[int, list[int]] = {}
     for base in range(0, world_size, local_world_size):
         for i in range(cfg.loaders_per_node):
@@ -226,14 +238,24 @@ def init_distributed(cfg: Config) -> Topology:
 
     if world_size == 1 and topo.mode != "loader":
         return topo
-    timeout = datetime.timedelta(seconds=topo.timeout_s)
-    dist.init_process_group(backend=backend, timeout=timeout, world_size=world_size, rank=rank)
+    timeout = process_group_timeout(topo.timeout_s)
+    # The store is made here (torchrun's env:// rendezvous, the agent's store under torchrun) and kept, so the
+    # transport's back-channel and the heartbeats get it passed instead of reaching into torch for the default one.
+    store, rank, world_size = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    topo.store = store
+    # device_id binds the NCCL communicator to this rank's GPU at once (eager init) instead of at first use.
+    device_id = topo.device if backend == "nccl" else None
+    dist.init_process_group(backend=backend, store=dist.PrefixStore("default_pg", store), timeout=timeout,
+                            world_size=world_size, rank=rank, device_id=device_id)
     if topo.mode == "loader":
         # new_group is collective over the default group: every rank calls it, loaders included.
         group = dist.new_group(topo.model_ranks, timeout=timeout)
         topo.model_group = group if topo.is_model else None
+        warm_up(rank, topo.loader_to_model, topo.model_group, topo.transport_device)
     else:
         topo.model_group = dist.group.WORLD
+    topo.heartbeat = Heartbeat(store, rank)
     return topo
 
 
@@ -251,6 +273,7 @@ def exit_now(code: int) -> None:
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group if one was created (safe to call in every mode)."""
+    """Destroy the process group if one was created (safe to call in every mode), after the heartbeats."""
+    close_heartbeats()  # marked done: a rank that finished is not a hung one
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 from sd3.config import Config
 from sd3.data.batches import SKIP_REASONS
 from sd3.data.cached import SKIP_NOT_CACHED
+from sd3.distributed import signals
 from sd3.model import build_model
 from sd3.model.flops import train_flops_per_image
-from sd3.train import signals
 from sd3.train.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint, scrub_secrets
 from sd3.train.ema import EMA
 from sd3.train.flow import add_noise, cfg_dropout, flow_loss, sample_timesteps, velocity_target

@@ -16,7 +16,8 @@ def test_source_default_on_two_nodes_of_eight():
     assert topo.role == "loader" and topo.consumers == [2, 3, 4] and topo.loader_index == 0 and topo.num_loaders == 4
     assert topo.model_ranks == [2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14, 15]
     model = resolve(16, 12, 8)
-    assert (model.role, model.my_loader, model.loader_index, model.consumer_index, model.model_rank) == ("model", 8, 2, 2, 8)
+    got = (model.role, model.my_loader, model.loader_index, model.consumer_index, model.model_rank)
+    assert got == ("model", 8, 2, 2, 8)
     assert model.consumers == [] and model.is_model and not model.is_main
 
 

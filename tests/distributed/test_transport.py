@@ -56,7 +56,7 @@ def test_torchrun_stream_exact_shapes_in_flight_bound_prefetch_and_stop(tmp_path
     # Shapes follow the buckets step by step (no padding to the largest), and the two slices partition the batch.
     shapes = {tuple(s["latents"][2:]) for s in models[0]["seen"]}
     assert shapes == {(8, 8), (4, 12), (12, 4), (6, 6), (160, 160)}  # (160, 160): > 1 MB per slice
-    for a, b in zip(models[0]["seen"], models[1]["seen"]):
+    for a, b in zip(models[0]["seen"], models[1]["seen"], strict=True):
         rows_a, rows_b = a["rows"], b["rows"]
         assert not set(rows_a) & set(rows_b)
         assert sorted(rows_a + rows_b) == list(range(100 * a["step"], 100 * a["step"] + len(rows_a) + len(rows_b)))

@@ -52,7 +52,8 @@ class Cluster:
         line = self.run("scontrol", "show", "job", "-o", job_id)
         return dict(re.findall(r"(\w+)=(\S*)", line))
 
-    def wait_for(self, job_id: str, what: str, condition: Callable[[dict[str, str]], bool], timeout: float) -> dict[str, str]:
+    def wait_for(self, job_id: str, what: str, condition: Callable[[dict[str, str]], bool],
+                 timeout: float) -> dict[str, str]:
         """Poll the job once a second until `condition(job)` holds; on timeout fail with everything worth reading."""
         deadline = time.monotonic() + timeout
         while True:

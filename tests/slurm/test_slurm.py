@@ -90,12 +90,14 @@ def test_job_runs_through_sbatch_and_checkpoints(cluster: Cluster, train_overrid
     assert "on 2 model rank(s)" in cluster.output(job_id), cluster.diagnostics(job_id)
 
 
-def test_preemption_checkpoints_requeues_and_resumes(cluster: Cluster, train_overrides: list[str], tmp_path: Path) -> None:
+def test_preemption_checkpoints_requeues_and_resumes(cluster: Cluster, train_overrides: list[str],
+                                                     tmp_path: Path) -> None:
     save_dir = tmp_path / "run"
     total_steps = 12
     job_id = cluster.submit(
         RUNJOB, [*SBATCH_OPTIONS, f"--chdir={tmp_path}"],
-        [*train_overrides, f"--train.total_steps={total_steps}", "--train.save_every=2", f"--train.save_dir={save_dir}"],
+        [*train_overrides, f"--train.total_steps={total_steps}", "--train.save_every=2",
+         f"--train.save_dir={save_dir}"],
         job_env(), tmp_path / "job-%j.out")
 
     # Progress = the first periodic checkpoint; then pre-empt as SLURM does before the time limit (`B:USR1`).
@@ -107,7 +109,8 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster: Cluster, train_ove
                      timeout=90)
     stopped_at = latest_step(save_dir)
     first_run = cluster.output(job_id)
-    assert stopped_at is not None and stopped_at < total_steps, f"checkpoint step {stopped_at}\n{cluster.diagnostics(job_id)}"
+    assert stopped_at is not None and stopped_at < total_steps, (
+        f"checkpoint step {stopped_at}\n{cluster.diagnostics(job_id)}")
     assert re.search(rf"stop requested \([^)]*SIGUSR1[^)]*\): checkpoint at step {stopped_at} written", first_run), (
         f"no pre-emption checkpoint at step {stopped_at}\n{cluster.diagnostics(job_id)}")
     assert f"requeueing job {job_id}" in first_run

@@ -1,15 +1,16 @@
 """One rank of a 3-rank job (1 loader feeding 2 model ranks) that exercises sd3.distributed for real over gloo.
 
-Run under torchrun (`python transport_job.py SCENARIO STEPS OUT_DIR`), or forked by fork_jobs.py (`run()`). The loader runs the
-real loop (sd3.distributed.loader.serve) with a stand-in producer of random Batches whose shapes change every step (as
-buckets do); each model rank receives with the real BatchReceiver, checks every batch against the producer's
-own output, and writes what it saw to OUT_DIR/rank-R.json before exiting.
+Run under torchrun (`python transport_job.py SCENARIO STEPS OUT_DIR`), or forked by fork_jobs.py (`run()`). The
+loader runs the real loop (sd3.distributed.loader.serve) with a stand-in producer of random Batches whose shapes
+change every step (as buckets do); each model rank receives with the real BatchReceiver, checks every batch against
+the producer's own output, and writes what it saw to OUT_DIR/rank-R.json before exiting.
 
 Scenarios: ok (train STEPS steps, then stop; the loader gets SIGUSR1 at step 6 and keeps serving, flagging its
-headers), loader_start_error (the real run_loader with a bucket index that does not exist), loader_error (the producer raises at step 3), loader_kill (the
-loader SIGKILLs itself at step 3), loader_hang (the loader sleeps at step 3), model_fail (rank 2 reports a failure
-at step 2 via fail()), model_kill (rank 2 SIGKILLs itself at step 2), stop_lost (the model ranks ask to stop
-at step 5 after the loader SIGKILLed itself producing step 8).
+headers), loader_start_error (the real run_loader with a bucket index that does not exist), loader_error (the
+producer raises at step 3), loader_kill (the loader SIGKILLs itself at step 3), loader_hang (the loader sleeps at
+step 3), model_fail (rank 2 reports a failure at step 2 via fail()), model_kill (rank 2 SIGKILLs itself at step 2),
+model_stop (rank 2 SIGSTOPs itself at step 2: its peer waits in the all_reduce, and the loader must name rank 2),
+stop_lost (the model ranks ask to stop at step 5 after the loader SIGKILLed itself producing step 8).
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ import torch.distributed as dist
 
 from sd3.batch import Batch
 from sd3.config import Config
+from sd3.distributed import signals
+from sd3.distributed.errors import LoaderFailed
 from sd3.distributed.loader import run_loader, serve
+from sd3.distributed.receiver import BatchReceiver
+from sd3.distributed.sender import BatchSender
 from sd3.distributed.topology import exit_now, init_distributed
-from sd3.distributed.transport import BatchReceiver, BatchSender, LoaderFailed
-from sd3.train import signals
 
 PER_RANK = 3
 BUCKETS = [(8, 8), (4, 12), (12, 4), (6, 6)]  # latent (h, w) per step, cycling: exact shapes must survive
@@ -113,7 +116,7 @@ def run(scenario: str, steps: int, out_dir: Path) -> int:
                 receiver.stop(step)  # must not report a clean stop
             batch, stats = receiver.next()
             expected = make_batch(step).split(2)[topo.consumer_index]
-            for got, want in zip(batch.tensors(), expected.tensors()):
+            for got, want in zip(batch.tensors(), expected.tensors(), strict=True):
                 assert got.shape == want.shape and got.dtype == want.dtype, (step, got.shape, want.shape)
                 assert torch.equal(got, want), f"step {step}: payload differs"
             assert stats.step == step and stats.loader_rank == topo.my_loader
