@@ -110,6 +110,7 @@ $nodelines
 PartitionName=debug Nodes=$node_names Default=YES MaxTime=INFINITE State=UP
 EOF
     echo "$nodes" >"$dir/nodes"
+    { echo "127.0.0.1 localhost"; for k in $(seq 1 "$nodes"); do echo "$SUBNET.$k n$k"; done; } >"$dir/hosts"
 }
 
 # The namespaces of an N-node cluster: node 1 holds a bridge named sd3link with address $SUBNET.1; node k >= 2 has a
@@ -138,15 +139,16 @@ remove_namespaces() {
     done
 }
 
-# Run a command as node k: in its network namespace with hostname nK (a single node: as it is).
+# Run a command as node k: in its network namespace, with hostname nK and an /etc/hosts that names every node, as DNS
+# would on a real cluster (torchrun's rendezvous resolves its own hostname). A single node: as it is.
 as_node() {
     local dir=$1 k=$2
     shift 2
     if [ "$(nodes_of "$dir")" = 1 ]; then
         "$@"
     else
-        nsenter --net="/run/netns/$(netns_prefix "$dir")-n$k" \
-            unshare --uts sh -c 'hostname "$0" && exec "$@"' "n$k" "$@"
+        nsenter --net="/run/netns/$(netns_prefix "$dir")-n$k" unshare --uts --mount \
+            sh -c 'mount --bind "$1" /etc/hosts && hostname "$0" && shift && exec "$@"' "n$k" "$dir/hosts" "$@"
     fi
 }
 
