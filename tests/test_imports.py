@@ -24,7 +24,7 @@ RANK = {name: i for i, names in enumerate(STAGES) for name in names}
 def stage_of(module: str) -> str:
     """'sd3.data.sampler' -> 'data'; a top-level module (sd3.config) is the core, except the cli and __main__."""
     parts = module.split(".")
-    if len(parts) == 1:
+    if len(parts) == 1 or parts[1] == "configs":  # sd3.configs holds the preset files only
         return "core"
     if (PACKAGE / parts[1]).is_dir():
         return parts[1]
