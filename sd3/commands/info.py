@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from sd3.config import load_config
+from sd3.config_loader import load_config
 from sd3.model import build_model
 from sd3.model.attention import resolve_backend
 from sd3.model.flops import count_parameters, image_tokens, train_flops_per_image

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from sd3.config import Config, TrainConfig, load_config
+from sd3.config import Config, TrainConfig
+from sd3.config_loader import load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
