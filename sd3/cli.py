@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from sd3.commands.arguments import parse_command_args
+from sd3.commands.arguments import Parser, parse_command_args
 from sd3.errors import user_error_line
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd3", description=__doc__.splitlines()[0])
+    parser = Parser(prog="sd3", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_module, help_text) in COMMANDS.items():
         # Sub-parsers are filled lazily in main(): only the chosen command's module is imported.

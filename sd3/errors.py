@@ -8,9 +8,14 @@ package in the import order (data -> encoders -> distributed -> train -> sample 
 
 from __future__ import annotations
 
+import os
 import pickle
+from collections.abc import Callable
+from typing import TypeVar
 
 from safetensors import SafetensorError
+
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -35,6 +40,27 @@ def first_line(text: object) -> str:
     return lines[0] if lines else ""
 
 
+def _refusal(e: pickle.UnpicklingError) -> str:
+    """What torch.load(weights_only=True) refused, from its several-paragraph message (the line naming the GLOBAL
+    or opcode, e.g. 'Trying to load unsupported GLOBAL posix.system ...'); its first line is boilerplate."""
+    detail = [line.strip() for line in str(e).splitlines() if "unsupported" in line.lower()]
+    return detail[0] if detail else first_line(e)
+
+
+def read_file(path: str | os.PathLike, reader: Callable[..., T], **kwargs) -> T:
+    """`reader(path, **kwargs)` (safetensors' load_file, torch.load ...), with the errors of a corrupt or unsafe file
+    turned into a CheckpointError that names it: the libraries' own messages do not say which file."""
+    try:
+        return reader(path, **kwargs)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({first_line(e)})") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} is not a plain-tensor checkpoint: torch.load(weights_only=True) refuses "
+                              f"to unpickle it ({_refusal(e)})") from None
+    except (EOFError, RuntimeError) as e:  # torch.load of a truncated or non-zip file
+        raise CheckpointError(f"{path}: truncated or not a torch checkpoint ({first_line(e)})") from None
+
+
 def user_error_line(e: BaseException) -> str | None:
     """The one-line message of a user error, or None when `e` is an internal failure.
 
@@ -47,7 +73,7 @@ def user_error_line(e: BaseException) -> str | None:
     if isinstance(e, SafetensorError):
         return f"not a readable .safetensors file ({first_line(e)})"
     if isinstance(e, pickle.UnpicklingError):
-        return f"not a plain-tensor checkpoint: torch.load(weights_only=True) refused it ({first_line(e)})"
+        return f"not a plain-tensor checkpoint: torch.load(weights_only=True) refuses to unpickle it ({_refusal(e)})"
     if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         # Raised by open() they carry the path; raised by our code the message names it.
         return f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else first_line(e)

@@ -28,7 +28,8 @@ def test_stage_values_follow_the_source_readme():
 
 
 def test_overrides_are_typed():
-    cfg = load_config("tiny-cpu", ["--train.lr=3e-4", "--topology.loader_to_model={0: [1, 2]}", "--model.text_dims=[8,4]"])
+    overrides = ["--train.lr=3e-4", "--topology.loader_to_model={0: [1, 2]}", "--model.text_dims=[8,4]"]
+    cfg = load_config("tiny-cpu", overrides)
     assert cfg.train.lr == 3e-4
     assert cfg.topology.loader_to_model == {"0": [1, 2]}
     assert cfg.model.text_dims == [8, 4]

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sd3.bench import print_result
 from sd3.config import ModelConfig
 from sd3.devices import resolve_dtype
+from sd3.errors import UserError
 from sd3.model import build_model
 from sd3.model.flops import count_parameters
 
@@ -103,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     cfg = our_config(args)
     if args.height % 16 or args.width % 16:
-        raise SystemExit(f"sd3 bench model: error: height and width must be multiples of 16 px, got {args.height}x{args.width}")
+        raise UserError(f"--height and --width must be multiples of 16 px, got {args.height}x{args.width}")
     h, w = args.height // cfg.vae_downsample, args.width // cfg.vae_downsample
     ours = build_model(cfg)
     ours_params = count_parameters(ours)

@@ -7,12 +7,20 @@ also accept `--section.key=value` overrides, collected into `args.overrides` (ch
 from __future__ import annotations
 
 import argparse
+import typing
 from types import ModuleType
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (exit 2) like every other user error; the usage is in --help."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def parse_command_args(module: ModuleType, prog: str, description: str, argv: list[str]) -> argparse.Namespace:
     """Parse a command's arguments; if it takes `--config`, collect `--section.key=value` into `args.overrides`."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = Parser(prog=prog, description=description)
     module.add_arguments(parser)
     if not any(a.dest == "config" for a in parser._actions):
         return parser.parse_args(argv)

@@ -27,6 +27,7 @@ import torch
 
 from sd3.config import Config, TrainConfig
 from sd3.config_loader import load_config
+from sd3.errors import user_error_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,8 +108,10 @@ def run_rank(cfg: Config, after_train: Callable[[Any], None] | None) -> int:
             return run_loader(cfg, topology, start)
         return train_model_rank(cfg, topology, directory, exact, keep_wandb, after_train)
     except Exception as e:  # noqa: BLE001 - one line naming the rank, then a non-zero exit
-        print(f"sd3 train: {who}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        return 1
+        line = user_error_line(e)  # a bad path, file or value found inside the rank: exit 2, as at parse time
+        print(f"sd3 train: {who}: " + (f"error: {line}" if line else f"{type(e).__name__}: {e}"), file=sys.stderr,
+              flush=True)
+        return 2 if line else 1
     finally:
         shutdown_distributed()
 
