@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sd3.commands import make_tiny
 from sd3.commands.arguments import run_command
+from sd3.devices import resolve_precision_name
 
 PROMPTS = (  # the shapes data's caption style: one chromatic shape on white or black (sd3/data/synthetic.py)
     "A red circle in the center of a white background.",
@@ -190,7 +191,8 @@ def sample(paths: Paths, args: argparse.Namespace) -> Path:
     from sd3.sample.pipeline import Pipeline
 
     print("[6/6] sample ...", flush=True)
-    pipe = Pipeline.from_checkpoint(paths.run, device="cpu", dtype="bf16")
+    # The dtype train.precision=auto trained in: bf16 only on a CPU that computes it natively.
+    pipe = Pipeline.from_checkpoint(paths.run, device="cpu", dtype=resolve_precision_name("auto", "cpu"))
     prompts = args.prompt or list(PROMPTS)
     bar = tqdm(total=args.sample_steps, desc="sampling", unit="step")
 
