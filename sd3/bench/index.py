@@ -74,7 +74,7 @@ def write_shards(folder: Path, rows: int, shards: int, row_group_rows: int, seed
             break
         names = bucket_names(n, rng)
         hw = np.array([name.split("x") for name in np.unique(names)], dtype=np.int32)
-        lookup = {name: (int(h), int(w)) for name, (h, w) in zip(np.unique(names), hw)}
+        lookup = {name: (int(h), int(w)) for name, (h, w) in zip(np.unique(names), hw, strict=True)}
         heights = np.array([lookup[x][0] for x in names], dtype=np.int32)
         widths = np.array([lookup[x][1] for x in names], dtype=np.int32)
         captions = np.array(CAPTIONS)[rng.integers(0, len(CAPTIONS), n)]

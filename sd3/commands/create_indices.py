@@ -25,7 +25,7 @@ def main(args: argparse.Namespace) -> int:
         f"create-indices: {index.num_rows} rows in {len(index.buckets)} buckets from "
         f"{len(index.manifest['shards'])} shards in {seconds:.2f} s -> {args.bucket_indices_path}"
     )
-    largest = ", ".join(f"{b} ({c})" for b, c in zip(index.buckets[:5], index.counts[:5]))
+    largest = ", ".join(f"{b} ({c})" for b, c in zip(index.buckets[:5], index.counts[:5], strict=True))
     print(f"create-indices: largest buckets: {largest}")
     if index.manifest["skipped_rows"]:
         print(f"create-indices: {index.manifest['skipped_rows']} rows without a valid bucket_size were left out")

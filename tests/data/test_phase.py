@@ -52,7 +52,7 @@ def test_phase_output_sizes_and_bucket_names(tmp_path):
     summary = create_phase(tmp_path / "raw", tmp_path / "phase", PhaseOptions(max_res=128), workers=1, progress=False)
     assert summary.kept == len(SIZES) and not summary.dropped
     table = pq.read_table(tmp_path / "phase" / "a.parquet")
-    for (w0, h0), row in zip(SIZES, table.to_pylist()):
+    for (w0, h0), row in zip(SIZES, table.to_pylist(), strict=True):
         img = Image.open(io.BytesIO(row["image"]))
         assert img.format == "PNG"
         w, h = img.size
@@ -106,7 +106,7 @@ def test_area_mode_snaps_to_fixed_buckets(tmp_path):
     table = pq.read_table(tmp_path / "phase" / "a.parquet")
     allowed = {f"{h}x{w}" for h, w in area_buckets(64, 16)}
     assert set(table["bucket_size"].to_pylist()) <= allowed
-    for (w0, h0), row in zip(SIZES, table.to_pylist()):
+    for (w0, h0), row in zip(SIZES, table.to_pylist(), strict=True):
         assert Image.open(io.BytesIO(row["image"])).size == (row["width"], row["height"])
         if 0.5 <= w0 / h0 <= 2:  # inside the bucket range the aspect barely moves
             assert abs(math.log(row["width"] / row["height"]) - math.log(w0 / h0)) < 0.3
