@@ -1,8 +1,11 @@
 """`sd3 <command>`: one entry point; each command lives in its own module under sd3/commands or sd3/bench.
 
-A command module defines `add_arguments(parser)` and `main(args) -> int | None`. Modules are imported only
-when their command runs, so `sd3 create-indices` never imports the model and `sd3 info` never imports pyarrow.
-Commands that take `--config` also accept `--section.key=value` overrides (see sd3/config.py).
+A command module defines `add_arguments(parser)` and `main(args) -> int | None` (sd3/commands/arguments.py).
+Modules are imported only when their command runs, so `sd3 create-indices` never imports the model and
+`sd3 info` never imports pyarrow. Commands that take `--config` also accept `--section.key=value` overrides.
+
+Exit codes: 0 done; 2 a user error (bad argument, path, file or value: one line on stderr naming the culprit,
+sd3/errors.py); 1 an internal failure, with its traceback.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import argparse
 import importlib
 import sys
 
-from sd3.config import ConfigError
+from sd3.commands.arguments import Parser, parse_command_args
+from sd3.errors import user_error_line
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("sd3.commands.info", "parameter count, training FLOPs per image and the resolved config"),
-    "make-dataset": ("sd3.commands.make_dataset", "write raw shards of synthetic data (shapes) to try everything offline"),
+    "make-dataset": ("sd3.commands.make_dataset", "raw shards of synthetic data (shapes) to try everything offline"),
     "import-folder": ("sd3.commands.import_folder", "turn an image folder + metadata.csv/json/jsonl into raw shards"),
     "create-phase": ("sd3.commands.create_phase", "resize raw shards into bucketed shards (sides multiples of 16)"),
     "create-indices": ("sd3.commands.create_indices", "map every bucket to its row ids across all shards"),
@@ -29,26 +33,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd3", description=__doc__.splitlines()[0])
+    parser = Parser(prog="sd3", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (_module, help_text) in COMMANDS.items():
         # Sub-parsers are filled lazily in main(): only the chosen command's module is imported.
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
-
-
-def parse_command_args(module, prog: str, description: str, argv: list[str]) -> argparse.Namespace:
-    """Parse a command's arguments; if it takes `--config`, collect `--section.key=value` into `args.overrides`."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    module.add_arguments(parser)
-    if not any(a.dest == "config" for a in parser._actions):
-        return parser.parse_args(argv)
-    args, unknown = parser.parse_known_args(argv)
-    args.overrides = [u for u in unknown if u.startswith("--") and "." in u.split("=", 1)[0]]
-    stray = [u for u in unknown if u not in args.overrides]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_command_args(module, f"sd3 {name}", COMMANDS[name][1], argv[1:])
     try:
         code = module.main(args)
-    except ConfigError as e:
-        print(f"sd3 {name}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        line = user_error_line(e)
+        if line is None:
+            raise  # an internal failure: the traceback is what a bug report needs (exit 1)
+        print(f"sd3 {name}: error: {line}", file=sys.stderr)
         return 2
     return int(code or 0)
 

@@ -1,35 +1,20 @@
-"""Every setting of sd3, as typed dataclasses — one per concern — plus TOML presets and CLI overrides.
+"""Every setting of sd3, as typed dataclasses — one per concern. A choice is a `Literal[...]` of its options.
 
-A run is described by one `Config`. It is built from a named preset shipped in `sd3/configs/`
-(or a path to a TOML file), then `--section.key=value` overrides from the command line, each
-type-checked against the dataclass field it names. The resolved config is saved into every
-checkpoint as JSON; `Config.from_dict` reads it back.
+A run is described by one `Config`. sd3/config_loader.py builds it from a named preset shipped in `sd3/configs/`
+(or a path to a TOML file) and `--section.key=value` overrides, type- and range-checked once there. The resolved
+config is saved into every checkpoint as JSON; `config_loader.config_from_dict` reads it back.
 
 Defaults are the values of the source README (003_5bc3fb5fdb7c8fe6.txt, "The base params I used").
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - python 3.10
-    import tomli as tomllib
-
-PRESET_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A bad preset, key or value. The message is one line and names the culprit."""
+Dtype = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -42,8 +27,8 @@ class ModelConfig:
     dim: int = 1216  # 64 * num_blocks, the SD3 paper's formula
     num_heads: int = 19
     hidden_scale: float = 4.0  # MLP hidden width = dim * hidden_scale
-    mlp_type: str = "swiglu"  # swiglu | gelu
-    positional_encoding: str = "RoPE2d"  # RoPE2d | absolute | NoPE
+    mlp_type: Literal["swiglu", "gelu"] = "swiglu"
+    positional_encoding: Literal["RoPE2d", "absolute", "NoPE"] = "RoPE2d"
     # Text context: `text_tokens` tokens per encoder part, parts in order [Gemma, ModernBERT].
     # `text_dims` are each part's real feature width; the context tensor is zero-padded to max(text_dims).
     text_tokens: int = 77
@@ -59,7 +44,7 @@ class ModelConfig:
     text_scale_init: float = 0.01
     checkpoint_attn: bool = False
     checkpoint_mlp: bool = False
-    attention_backend: str = "auto"  # auto | flash | xformers | sdpa
+    attention_backend: Literal["auto", "flash", "xformers", "sdpa"] = "auto"
 
     @property
     def context_dim(self) -> int:
@@ -90,10 +75,10 @@ class EncodersConfig:
     bert: str = "answerdotai/ModernBERT-large"
     vae: str = "black-forest-labs/FLUX.1-schnell"
     vae_subfolder: str = "vae"
-    text_dtype: str = "bf16"  # fp32 | bf16 | fp16
-    vae_dtype: str = "bf16"
+    text_dtype: Dtype = "bf16"
+    vae_dtype: Dtype = "bf16"
     device: str = "auto"  # auto | cpu | cuda; auto = this rank's GPU when there is one
-    batch_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the Batch floats a loader sends (latents, context, pooled)
+    batch_dtype: Dtype = "fp32"  # dtype of the Batch floats a loader sends (latents, context, pooled)
     # torch CPU threads set by the Conditioner when it runs on cpu; 0 = torch's default. On a shared CPU one thread
     # per process avoids OpenMP threads spinning against each other (`sd3 bench loader`: 426 vs 15 images/s).
     cpu_threads: int = 0
@@ -103,13 +88,13 @@ class EncodersConfig:
 class TopologyConfig:
     """Which ranks load data and which train (ARCHITECTURE §6)."""
 
-    mode: str = "loader"  # loader (dedicated loader ranks) | colocated | cached
+    mode: Literal["loader", "colocated", "cached"] = "loader"  # loader: dedicated loader ranks
     # Global rank of each loader -> global ranks of its model ranks. TOML keys are strings: {"0" = [2, 3, 4]}.
     # Empty: derived per node from loaders_per_node and models_per_loader.
     loader_to_model: dict[str, list[int]] = field(default_factory=dict)
     loaders_per_node: int = 2
     models_per_loader: int = 3
-    backend: str = "auto"  # auto (nccl on GPUs, gloo on CPU) | nccl | gloo
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPUs, gloo on CPU
     timeout_minutes: float = 10.0  # a rank silent for longer is named and the job stops
     max_in_flight: int = 2  # batches sent but not yet received, per consumer
     cache_folder: str = "data/cache_256"  # mode=cached: where `sd3 cache` writes latents and embeddings
@@ -126,9 +111,11 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     warmup_steps: int = 1000
-    lr_schedule: str = "constant"  # constant | cosine (the source's use_lr_scheduler=False is constant)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # (the source's use_lr_scheduler=False is constant)
     grad_clip: float = 1.0
-    precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast dtype; fp16 adds a GradScaler)
+    # Autocast dtype; fp16 adds a GradScaler. auto: bf16 where the device runs it natively (CUDA with bf16, a CPU with
+    # AVX512-BF16 or AMX), else fp32 — emulated bf16 on a CPU without them is 4-5x slower than fp32 (sd3/devices.py).
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "bf16"
     null_prob_pooled: float = 0.1
     null_prob_gemma: float = 0.316  # 0.316^2 ~ 0.1: both text parts dropped 10% of the time
     null_prob_bert: float = 0.316
@@ -139,7 +126,7 @@ class TrainConfig:
     timestep_std: float = 1.0
     ema_update_every: int = 100
     ema_decay: float = 0.99
-    ema_device: str = "cpu"  # cpu | device
+    ema_device: Literal["cpu", "device"] = "cpu"
     save_every: int = 1000
     keep_last: int = 3
     save_dir: str = "runs/sd3"
@@ -148,7 +135,7 @@ class TrainConfig:
     reset_wandb: bool = True  # on resume: start a new wandb run
     log_every: int = 10
     wandb_project: str = "sd3"
-    wandb_mode: str = "auto"  # auto (online with a key, else offline) | online | offline | disabled
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with a key, else offline
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     seed: int = 0
     deterministic: bool = False
@@ -161,7 +148,7 @@ class TrainConfig:
 class SampleConfig:
     """Defaults for `sd3 sample` and the notebook (source "Inference")."""
 
-    sampler: str = "euler"  # euler | euler_stochastic | heun
+    sampler: Literal["euler", "euler_stochastic", "heun"] = "euler"
     num_steps: int = 50
     cfg_scale: float = 5.0
     width: int = 256
@@ -186,120 +173,3 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, tree: dict[str, Any], source: str = "config") -> Config:
-        cfg = cls()
-        apply_tree(cfg, tree, source)
-        return cfg
-
-
-SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
-
-
-def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """A preset (name in sd3/configs or a .toml path), then `section.key=value` overrides, type-checked."""
-    cfg = Config()
-    if name_or_path:
-        path = Path(name_or_path)
-        if not path.suffix:
-            path = PRESET_DIR / f"{name_or_path}.toml"
-        if not path.is_file():
-            raise ConfigError(f"config '{name_or_path}' not found: not a file and not a preset ({', '.join(preset_names())})")
-        try:
-            tree = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
-        apply_tree(cfg, tree, str(path))
-    for item in overrides:
-        apply_override(cfg, item)
-    return cfg
-
-
-def apply_tree(cfg: Config, tree: dict[str, Any], source: str) -> None:
-    for section, values in tree.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section '{section}' (expected one of {', '.join(SECTIONS)})")
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: '{section}' must be a table")
-        for key, value in values.items():
-            set_value(cfg, f"{section}.{key}", value)
-
-
-def apply_override(cfg: Config, item: str) -> None:
-    """`section.key=value` (a leading `--` is allowed). Values are parsed as TOML, else taken as a string."""
-    text = item[2:] if item.startswith("--") else item
-    if "=" not in text:
-        raise ConfigError(f"override '{item}' is not of the form --section.key=value")
-    dotted, raw = text.split("=", 1)
-    set_value(cfg, dotted, parse_value(raw))
-
-
-def parse_value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        pass
-    try:  # {0: [2, 3, 4]}-style maps, as the source wrote loader_to_model_gpu; literal_eval runs no code
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
-
-
-def set_value(cfg: Config, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    if len(parts) != 2 or parts[0] not in SECTIONS:
-        raise ConfigError(f"unknown config key '{dotted}' (expected section.key with section in {', '.join(SECTIONS)})")
-    section_name, key = parts
-    section = getattr(cfg, section_name)
-    fields = {f.name: f for f in dataclasses.fields(section)}
-    if key not in fields:
-        raise ConfigError(f"unknown config key '{dotted}' (keys of [{section_name}]: {', '.join(fields)})")
-    hint = typing.get_type_hints(type(section))[key]
-    setattr(section, key, coerce(value, hint, dotted))
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) if not typing.get_args(hint) else str(hint).replace("typing.", "")
-
-
-def coerce(value: Any, hint: Any, dotted: str) -> Any:
-    """Check `value` against a field's type hint; ints are accepted where floats are expected."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    bad = ConfigError(f"config key '{dotted}' expects {_type_name(hint)}, got {value!r} ({type(value).__name__})")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        return [coerce(v, args[0], dotted) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return {str(k): coerce(v, args[1], dotted) for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        for option in args:
-            try:
-                return coerce(value, option, dotted)
-            except ConfigError:
-                continue
-        raise bad
-    raise bad

@@ -10,6 +10,8 @@ import importlib
 import json
 import sys
 
+from sd3.commands.arguments import parse_command_args
+
 BENCHMARKS = {
     "model": "our MMDiT vs diffusers SD3Transformer2DModel, forward+backward, bf16 and fp32",
     "index": "create-indices vs the source's row-by-row scan, on >= 1M rows",
@@ -20,13 +22,13 @@ BENCHMARKS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
+    # argparse %-formats help strings: a literal % (as in "stall %") must be written %%.
+    summary = "; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()).replace("%", "%%")
+    parser.add_argument("name", choices=sorted(BENCHMARKS), help=summary)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
 
 
 def main(args: argparse.Namespace) -> int | None:
-    from sd3.cli import parse_command_args
-
     module = importlib.import_module(f"sd3.bench.{args.name}")
     inner = parse_command_args(module, f"sd3 bench {args.name}", BENCHMARKS[args.name], args.rest)
     return module.main(inner)

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from sd3.bench import print_result
 from sd3.data.index import create_indices
 from sd3.data.shards import PHASE_SCHEMA, list_shards, write_table
+from sd3.errors import UserError
 
 CAPTIONS = [
     "The image shows a lighthouse on a rocky coast at sunset, with waves breaking below it.",
@@ -73,7 +74,7 @@ def write_shards(folder: Path, rows: int, shards: int, row_group_rows: int, seed
             break
         names = bucket_names(n, rng)
         hw = np.array([name.split("x") for name in np.unique(names)], dtype=np.int32)
-        lookup = {name: (int(h), int(w)) for name, (h, w) in zip(np.unique(names), hw)}
+        lookup = {name: (int(h), int(w)) for name, (h, w) in zip(np.unique(names), hw, strict=True)}
         heights = np.array([lookup[x][0] for x in names], dtype=np.int32)
         widths = np.array([lookup[x][1] for x in names], dtype=np.int32)
         captions = np.array(CAPTIONS)[rng.integers(0, len(CAPTIONS), n)]
@@ -113,7 +114,7 @@ def naive_index(paths: list[Path], offsets: list[int], n_proc: int) -> dict[str,
 
 def main(args: argparse.Namespace) -> int:
     if args.rows < 1 or args.shards < 1:
-        raise SystemExit("sd3 bench index: --rows and --shards must be >= 1")
+        raise UserError(f"--rows {args.rows} and --shards {args.shards} must both be >= 1")
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="sd3-bench-index-"))
     try:
         folder.mkdir(parents=True, exist_ok=True)

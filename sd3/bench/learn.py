@@ -5,7 +5,8 @@ Two measurements on held-out shapes (sd3/data/synthetic.py with a seed the quick
    (a derangement), and with the null condition (zeros). The images, VAE posterior samples, noise and t are
    identical in all three, so only the text differs: a model that uses its text has loss_true < loss_shuffled.
 2. Colour accuracy: images generated from held-out long captions ("A red circle in the top left of a white
-   background."); the fraction whose dominant shape colour (sd3/sample/colour.py) is the colour named.
+   background."); the fraction whose dominant shape colour (sd3/sample/colour.py) is the colour named, and
+   shape accuracy: the fraction whose drawn shape (template matching, sd3/sample/shape.py) is the shape named.
 The last line printed is one JSON object with the figures.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from sd3.bench import print_result
+from sd3.devices import resolve_precision_name
 
 HELDOUT_SEED = 1  # the quick start's dataset is make-dataset's seed 0: sample i of seed 1 is a different image
 
@@ -32,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--seed", type=int, default=HELDOUT_SEED, help="seed of the held-out shapes")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="bf16", help="sampling and loss dtype: bf16 | fp32")
+    parser.add_argument("--dtype", default="auto", help="sampling and loss dtype: auto (bf16 if native) | bf16 | fp32")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the checkpoint's config (e.g. encoders paths)")
     parser.add_argument("--save-grid", default="", help="also write the generated images as a grid PNG here")
@@ -99,6 +101,7 @@ def validation_losses(pipe, samples: list, seed: int) -> dict[str, float]:
 def colour_accuracy(pipe, samples: list, args: argparse.Namespace) -> dict:
     """Generate one image per held-out long caption, at that sample's size (images of one size in one batch)."""
     from sd3.sample.colour import classify
+    from sd3.sample.shape import classify_shape
 
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(samples):
@@ -113,14 +116,16 @@ def colour_accuracy(pipe, samples: list, args: argparse.Namespace) -> dict:
     found = [classify(image) for image in images]
     shape_hits = sum(f.shape == s.labels.colour for f, s in zip(found, samples))
     background_hits = sum(f.background == s.labels.background for f, s in zip(found, samples))
+    form_hits = sum(classify_shape(image).shape == s.labels.shape for image, s in zip(images, samples, strict=True))
     return {"colour_accuracy": shape_hits / len(samples), "background_accuracy": background_hits / len(samples),
-            "images": images}
+            "shape_accuracy": form_hits / len(samples), "images": images}
 
 
 def main(args: argparse.Namespace) -> int:
     from sd3.sample.pipeline import Pipeline
 
     start = time.perf_counter()
+    args.dtype = resolve_precision_name(args.dtype, args.device)  # the JSON says which dtype ran
     pipe = Pipeline.from_checkpoint(args.checkpoint, args.device, args.dtype, overrides=args.set)
     max_res = pipe.cfg.model.max_res
     args.cfg = pipe.cfg.sample.cfg_scale if args.cfg is None else args.cfg
@@ -131,7 +136,8 @@ def main(args: argparse.Namespace) -> int:
 
     colours = colour_accuracy(pipe, heldout(args.n_prompts, args.seed, max_res), args)
     print(f"colour named in the prompt = dominant shape colour: {colours['colour_accuracy']:.1%} of "
-          f"{args.n_prompts} prompts (background colour: {colours['background_accuracy']:.1%})", flush=True)
+          f"{args.n_prompts} prompts (background colour: {colours['background_accuracy']:.1%}; shape named = shape "
+          f"drawn: {colours['shape_accuracy']:.1%})", flush=True)
     if args.save_grid:
         from sd3.sample.images import make_grid
 
@@ -143,7 +149,8 @@ def main(args: argparse.Namespace) -> int:
         "n_loss": args.n_loss, "loss_true": round(losses["true"], 5), "loss_shuffled": round(losses["shuffled"], 5),
         "loss_null": round(losses["null"], 5), "loss_ratio_shuffled_over_true": round(losses["shuffled"] / losses["true"], 4),
         "n_prompts": args.n_prompts, "colour_accuracy": round(colours["colour_accuracy"], 4),
-        "background_accuracy": round(colours["background_accuracy"], 4), "sampler": args.sampler,
+        "background_accuracy": round(colours["background_accuracy"], 4),
+        "shape_accuracy": round(colours["shape_accuracy"], 4), "sampler": args.sampler,
         "steps": args.steps, "cfg": args.cfg, "seconds": round(time.perf_counter() - start, 1),
     })
     return 0

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from sd3.bench import print_result
-from sd3.config import Config, load_config
+from sd3.config import Config
+from sd3.config_loader import load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

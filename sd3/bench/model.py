@@ -24,7 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sd3.bench import print_result
 from sd3.config import ModelConfig
-from sd3.devices import resolve_dtype
+from sd3.devices import cpu_description, native_bf16, resolve_dtype, resolve_precision_name
+from sd3.errors import UserError
 from sd3.model import build_model
 from sd3.model.flops import count_parameters
 
@@ -103,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     cfg = our_config(args)
     if args.height % 16 or args.width % 16:
-        raise SystemExit(f"sd3 bench model: error: height and width must be multiples of 16 px, got {args.height}x{args.width}")
+        raise UserError(f"--height and --width must be multiples of 16 px, got {args.height}x{args.width}")
     h, w = args.height // cfg.vae_downsample, args.width // cfg.vae_downsample
     ours = build_model(cfg)
     ours_params = count_parameters(ours)
@@ -137,6 +138,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"matrix-product FLOPs per forward+backward: ours {flops['ours'] / 1e9:.1f} G, theirs {flops['theirs'] / 1e9:.1f} G, "
           f"ratio {flops['ours'] / flops['theirs']:.3f} (attention kernels not counted)")
     figures["linear_flops_ratio"] = round(flops["ours"] / flops["theirs"], 3)
+    # Which dtype train.precision=auto picks here: bf16 only where the CPU computes it in hardware.
+    native = native_bf16("cpu")
+    figures.update(cpu=cpu_description(), native_bf16=native, auto_precision=resolve_precision_name("auto", "cpu"))
+    print(f"this CPU: {figures['cpu']}: bf16 is {'native' if native else 'emulated (expect it slower than fp32)'}; "
+          f"train.precision=auto runs {figures['auto_precision']}")
     for name in args.dtypes.split(","):
         dtype = resolve_dtype(name)
         times: dict[str, list[tuple[float, float]]] = {"ours": [], "theirs": []}
@@ -155,6 +161,11 @@ def main(args: argparse.Namespace) -> int:
         figures[f"{name}_theirs_s"] = round(wall["theirs"], 4)
         figures[f"{name}_ratio"] = round(wall["ours"] / wall["theirs"], 3)
         figures[f"{name}_cpu_ratio"] = round(cpu["ours"] / cpu["theirs"], 3)
+        figures[f"{name}_ours_linear_gflops"] = round(flops["ours"] / wall["ours"] / 1e9, 1)
+    if "bf16_ours_s" in figures and "fp32_ours_s" in figures:
+        figures["ours_bf16_over_fp32_time"] = round(figures["bf16_ours_s"] / figures["fp32_ours_s"], 3)
+        print(f"ours bf16 / fp32 time: {figures['ours_bf16_over_fp32_time']:.3f} "
+              f"({'bf16' if figures['ours_bf16_over_fp32_time'] < 1 else 'fp32'} is faster on this CPU)")
     print_result(figures)
     return 0
 

@@ -61,7 +61,7 @@ def prepare(workdir: Path) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     from sd3.bench import print_result
-    from sd3.config import load_config
+    from sd3.config_loader import load_config
     from sd3.distributed.topology import free_port
 
     overrides = prepare(Path(args.workdir)) + list(args.overrides)
@@ -121,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
 def worker(args: argparse.Namespace) -> int:
     import torch
 
-    from sd3.config import load_config
+    from sd3.config_loader import load_config
     from sd3.distributed.loader import run_loader
     from sd3.distributed.topology import exit_now, init_distributed
 
@@ -273,7 +273,7 @@ def measure(topo, batch, rounds: int, channel: str) -> dict:
 
 
 if __name__ == "__main__":
-    from sd3.cli import parse_command_args
+    from sd3.commands.arguments import parse_command_args
 
     parsed = parse_command_args(sys.modules[__name__], "sd3.bench.pipeline", "worker", sys.argv[1:])
     sys.exit(worker(parsed))

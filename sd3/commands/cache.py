@@ -14,7 +14,8 @@ import sys
 
 from tqdm import tqdm
 
-from sd3.config import Config, load_config
+from sd3.config import Config
+from sd3.config_loader import load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

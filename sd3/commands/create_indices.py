@@ -8,7 +8,6 @@ import os
 import time
 
 from sd3.data.index import create_indices
-from sd3.data.shards import ShardError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,16 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    try:
-        index = create_indices(args.data_parquet_folder, args.bucket_indices_path, n_proc=args.n_proc)
-    except (ShardError, FileNotFoundError) as e:
-        raise SystemExit(f"sd3 create-indices: {e}") from None
+    index = create_indices(args.data_parquet_folder, args.bucket_indices_path, n_proc=args.n_proc)
     seconds = time.perf_counter() - start
     print(
         f"create-indices: {index.num_rows} rows in {len(index.buckets)} buckets from "
         f"{len(index.manifest['shards'])} shards in {seconds:.2f} s -> {args.bucket_indices_path}"
     )
-    largest = ", ".join(f"{b} ({c})" for b, c in zip(index.buckets[:5], index.counts[:5]))
+    largest = ", ".join(f"{b} ({c})" for b, c in zip(index.buckets[:5], index.counts[:5], strict=True))
     print(f"create-indices: largest buckets: {largest}")
     if index.manifest["skipped_rows"]:
         print(f"create-indices: {index.manifest['skipped_rows']} rows without a valid bucket_size were left out")

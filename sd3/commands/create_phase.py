@@ -1,14 +1,19 @@
-"""`sd3 create-phase`: resize raw shards into bucketed phase shards (resumable, parallel over shards)."""
+"""`sd3 create-phase`: resize raw shards into bucketed phase shards (resumable, parallel over shards).
+
+Damaged shards are skipped and counted; the exit code is 0 unless no usable row was produced (then 2).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+from pathlib import Path
 
 from sd3.data.buckets import BUCKET_MODES
-from sd3.data.phase import FORMATS, PhaseOptions, create_phase
+from sd3.data.phase import FORMATS, REPORT_FILE, PhaseOptions, create_phase
 from sd3.data.shards import PHASE_ROW_GROUP_BYTES
+from sd3.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,9 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        opt = PhaseOptions(args.max_res, args.patch_size, args.format, args.quality, args.bucket_mode, int(args.row_group_mb * 2**20))
-        summary = create_phase(args.input_dir, args.output_dir, opt, workers=args.workers, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"sd3 create-phase: {e}") from None
+        opt = PhaseOptions(args.max_res, args.patch_size, args.format, args.quality, args.bucket_mode,
+                           int(args.row_group_mb * 2**20))
+    except ValueError as e:  # sizes that do not fit together: checked before any shard is read
+        raise UserError(str(e)) from None
+    summary = create_phase(args.input_dir, args.output_dir, opt, workers=args.workers, progress=not args.no_progress)
     print(summary.line())
+    if summary.kept == 0:  # every shard skipped or every row dropped: the next stage would have nothing to index
+        raise UserError(f"no usable rows in {args.input_dir}; see {Path(args.output_dir) / REPORT_FILE}")
     return 0

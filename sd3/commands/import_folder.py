@@ -6,7 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from sd3.data.import_folder import MetadataError, import_folder
+from sd3.data.import_folder import import_folder
+from sd3.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,15 +21,12 @@ def _find_metadata(images: Path) -> Path:
     for name in ("metadata.csv", "metadata.json", "metadata.jsonl"):
         if (images / name).is_file():
             return images / name
-    raise SystemExit(f"sd3 import-folder: no metadata.csv/.json/.jsonl in {images}; pass --metadata")
+    raise UserError(f"no metadata.csv/.json/.jsonl in {images}; pass --metadata")
 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     metadata = Path(args.metadata) if args.metadata else _find_metadata(Path(args.images))
-    try:
-        summary = import_folder(args.images, metadata, args.out, shard_rows=args.shard_rows)
-    except (MetadataError, FileNotFoundError) as e:
-        raise SystemExit(f"sd3 import-folder: {e}") from None
+    summary = import_folder(args.images, metadata, args.out, shard_rows=args.shard_rows)
     print(summary.line())
     return 0 if summary.imported else 1

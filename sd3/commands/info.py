@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
-from sd3.config import load_config
+from sd3.config_loader import load_config
+from sd3.errors import UserError
 from sd3.model import build_model
 from sd3.model.attention import resolve_backend
 from sd3.model.flops import count_parameters, image_tokens, train_flops_per_image
@@ -39,9 +39,8 @@ def main(args: argparse.Namespace) -> int:
     width = args.width or cfg.sample.width
     try:
         tokens = image_tokens(cfg.model, height, width)
-    except ValueError as e:
-        print(f"sd3 info: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a size the patch grid does not divide
+        raise UserError(str(e)) from None
     with torch.device("meta"):
         model = build_model(cfg.model)
     # The backend a bf16 model on this machine's training device would use (the meta device has none).

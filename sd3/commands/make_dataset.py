@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sd3.data.synthetic import write_shapes
+from sd3.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.n < 1 or args.shard_rows < 1:
-        raise SystemExit("sd3 make-dataset: --n and --shard-rows must be >= 1")
+        raise UserError(f"--n {args.n} and --shard-rows {args.shard_rows} must both be >= 1")
     paths = write_shapes(args.out, args.n, seed=args.seed, shard_rows=args.shard_rows)
     print(f"make-dataset: wrote {args.n} shapes images in {len(paths)} shards to {args.out}")
     return 0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from sd3.encoders.tiny import TINY_VAE_WEIGHTS
+from sd3.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +33,7 @@ def main(args: argparse.Namespace) -> int:
     weights = None if args.vae_weights.lower() == "none" else Path(args.vae_weights)
     if weights is not None and not weights.is_file():
         if args.vae_weights != str(TINY_VAE_WEIGHTS):
-            print(f"sd3 make-tiny: error: --vae-weights {weights} does not exist", file=sys.stderr)
-            return 2
+            raise UserError(f"--vae-weights {weights} does not exist")
         weights = None
     out = make_tiny(args.out, seed=args.seed, vae_weights=weights)
     if args.train_vae_steps > 0:

@@ -20,6 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from sd3.commands import make_tiny
+from sd3.commands.arguments import run_command
+from sd3.devices import resolve_precision_name
+
 PROMPTS = (  # the shapes data's caption style: one chromatic shape on white or black (sd3/data/synthetic.py)
     "A red circle in the center of a white background.",
     "A yellow square in the center of a black background.",
@@ -34,7 +38,8 @@ PROMPTS = (  # the shapes data's caption style: one chromatic shape on white or 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=".", help="where data/ and runs/ go (default: the current directory)")
-    parser.add_argument("--steps", type=int, default=3500, help="training steps (optimizer steps; ~3 min per 1000 on 2 cores)")
+    parser.add_argument("--steps", type=int, default=3500,
+                        help="training steps (optimizer steps; ~3 min per 1000 on 2 cores)")
     parser.add_argument("--n-images", type=int, default=4000, help="size of the synthetic shapes dataset")
     parser.add_argument("--batch-size", type=int, default=16, help="per model rank")
     parser.add_argument("--vae-weights", default="",
@@ -104,11 +109,11 @@ def make_tiny_stage(paths: Paths, args: argparse.Namespace) -> tuple[int, list[s
         return 0, []
     print("[1/6] make-tiny ...", flush=True)
     t0 = time.perf_counter()
-    argv = ["make-tiny", "--out", str(paths.models), "--vae-weights", str(weights)]
+    argv = ["--out", str(paths.models), "--vae-weights", str(weights)]
     if not weights.is_file():
         # No shipped weights: train the tiny VAE on shapes here so it reconstructs them (a few minutes).
         argv += ["--train-vae-steps", str(args.vae_steps)]
-    code = run_cli(argv)
+    code = run_command(make_tiny, "sd3 make-tiny", argv)
     if code == 0:
         marker.write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "vae": vae}))
         print(f"[1/6] make-tiny: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -150,13 +155,6 @@ def overrides(paths: Paths, args: argparse.Namespace) -> list[str]:
     ]
 
 
-def run_cli(argv: list[str]) -> int:
-    """Run an sd3 command in this process (its progress bars print as they go)."""
-    from sd3.cli import main as cli_main
-
-    return cli_main(argv)
-
-
 def finished_step(run_dir: Path) -> int:
     """The step of the checkpoint `--train.resume=auto` continues from in run_dir, or -1."""
     from sd3.train.checkpoint import META_FILE, resolve_checkpoint
@@ -193,7 +191,8 @@ def sample(paths: Paths, args: argparse.Namespace) -> Path:
     from sd3.sample.pipeline import Pipeline
 
     print("[6/6] sample ...", flush=True)
-    pipe = Pipeline.from_checkpoint(paths.run, device="cpu", dtype="bf16")
+    # The dtype train.precision=auto trained in: bf16 only on a CPU that computes it natively.
+    pipe = Pipeline.from_checkpoint(paths.run, device="cpu", dtype=resolve_precision_name("auto", "cpu"))
     prompts = args.prompt or list(PROMPTS)
     bar = tqdm(total=args.sample_steps, desc="sampling", unit="step")
 
@@ -207,5 +206,5 @@ def sample(paths: Paths, args: argparse.Namespace) -> Path:
     images = [im.resize((im.width * scale, im.height * scale)) for im in result.images]
     make_grid(images, columns=4).save(paths.grid)
     (paths.grid.with_suffix(".txt")).write_text(
-        "".join(f"{i}: {p} (seed {s})\n" for i, (p, s) in enumerate(zip(result.prompts, result.seeds))))
+        "".join(f"{i}: {p} (seed {s})\n" for i, (p, s) in enumerate(zip(result.prompts, result.seeds, strict=True))))
     return paths.grid

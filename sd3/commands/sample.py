@@ -113,7 +113,7 @@ def measure_memory(args: argparse.Namespace) -> int:
     import torch
     from diffusers import AutoencoderKL
 
-    from sd3.config import load_config
+    from sd3.config_loader import load_config
     from sd3.devices import resolve_device, resolve_dtype
     from sd3.encoders.vae import LatentVAE
     from sd3.sample.pipeline import Pipeline, build_in_dtype, check_size, drop_vae_encoder

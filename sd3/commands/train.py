@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-from sd3.config import Config, TrainConfig, load_config
+from sd3.config import Config, TrainConfig
+from sd3.config_loader import load_config
+from sd3.errors import user_error_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +109,10 @@ def run_rank(cfg: Config, after_train: Callable[[Any], None] | None) -> int:
             return run_loader(cfg, topology, start)
         return train_model_rank(cfg, topology, directory, exact, keep_wandb, after_train)
     except Exception as e:  # noqa: BLE001 - one line naming the rank, then a non-zero exit
+        line = user_error_line(e)  # a bad path, file or value found inside the rank: exit 2, as at parse time
+        if line:
+            print(f"sd3 train: {who}: error: {line}", file=sys.stderr, flush=True)
+            return 2
         # A rank whose heartbeat stopped is named first: it is the likely cause of this one's timeout.
         text = name_hung_first(topology.store, list(range(topology.world_size)), f"{type(e).__name__}: {e}",
                                topology.rank)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from sd3.data.shards import write_table
+from sd3.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ RAW_IMPORT_SCHEMA = pa.schema(
 )
 
 
-class MetadataError(ValueError):
+class MetadataError(UserError, ValueError):
     """A metadata file that cannot be read; the message names the file and the line or entry."""
 
 

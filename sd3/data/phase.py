@@ -2,12 +2,16 @@
 
 One output shard per input shard, same file name. A shard is written atomically (shards.write_table), so an
 output that exists is complete and a re-run skips it: the command resumes after a crash or a pre-emption.
+A damaged or incompatible input shard (not parquet, a column missing, a row group that cannot be read) is skipped
+and counted by reason, as bad rows are; the run goes on, and `create_phase_report.json` in the output folder names
+every skipped shard and why.
 Shards are processed in parallel by worker processes (decode and resize hold the GIL in places, and the
 work per shard is large enough to pay for a process).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -38,6 +42,15 @@ log = logging.getLogger(__name__)
 
 READ_BATCH_ROWS = 256  # raw shards hold full-size images: read them a slice at a time
 FORMATS = ("png", "jpeg", "webp")
+REPORT_FILE = "create_phase_report.json"
+
+
+class BadShard(Exception):
+    """An input shard to skip: `reason` (not_parquet | missing_column | unreadable) and what was wrong."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)  # both in args, so it crosses the process pool's pickling intact
+        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)
@@ -71,14 +84,26 @@ class PhaseSummary:
     shards_written: int = 0
     shards_skipped: int = 0  # already existed (resume)
     buckets: Counter = field(default_factory=Counter)  # bucket -> rows, of the shards written in this run
+    bad_shards: dict[str, tuple[str, str]] = field(default_factory=dict)  # shard name -> (reason, detail)
 
     def line(self) -> str:
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+        bad = Counter(reason for reason, _ in self.bad_shards.values())
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
         return (
             f"create-phase: kept {self.kept} rows, dropped {sum(self.dropped.values())} ({dropped}); "
-            f"{self.shards_written} shards written, {self.shards_skipped} already done; "
-            f"{len(self.buckets)} buckets in the new shards"
+            f"{self.shards_written} shards written, {self.shards_skipped} already done"
+            + (f", {len(self.bad_shards)} damaged shards skipped ({skipped}, see {REPORT_FILE})" if bad else "")
+            + f"; {len(self.buckets)} buckets in the new shards"
         )
+
+    def report(self) -> dict:
+        """The JSON report written next to the shards: counts, and every skipped shard with its reason."""
+        return {
+            "kept_rows": self.kept, "dropped_rows": dict(sorted(self.dropped.items())),
+            "shards_written": self.shards_written, "shards_already_done": self.shards_skipped,
+            "skipped_shards": {name: {"reason": r, "detail": d} for name, (r, d) in sorted(self.bad_shards.items())},
+        }
 
 
 def convert_row(image: bytes | None, recaption: object, recaption_short: object, opt: PhaseOptions) -> dict:
@@ -103,31 +128,40 @@ def convert_row(image: bytes | None, recaption: object, recaption_short: object,
 
 
 def convert_shard(src: Path, dst: Path, opt: PhaseOptions) -> tuple[int, Counter, Counter]:
-    """Convert one raw shard; returns (rows kept, rows dropped by reason, rows per bucket)."""
-    pf = pq.ParquetFile(src)
+    """Convert one raw shard; returns (rows kept, rows dropped by reason, rows per bucket). Raises BadShard."""
+    try:
+        pf = pq.ParquetFile(src)
+    except (OSError, pa.ArrowException) as e:
+        raise BadShard("not_parquet", str(e)) from None
     missing = [c for c in RAW_COLUMNS if c not in pf.schema_arrow.names]
     if missing:
-        raise ValueError(f"{src}: no column {missing[0]!r}; a raw shard needs {', '.join(RAW_COLUMNS)}")
+        raise BadShard("missing_column", f"no column {missing[0]!r}; a raw shard needs {', '.join(RAW_COLUMNS)}")
     rows, dropped, buckets = [], Counter(), Counter()
-    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=list(RAW_COLUMNS)):
-        images = image_values(batch.column("image"))
-        longs, shorts = text_values(batch.column("recaption")), text_values(batch.column("recaption_short"))
-        for image, long, short in zip(images, longs, shorts):
-            try:
-                row = convert_row(image, long, short, opt)
-            except BadImage as e:
-                dropped[e.reason] += 1
-                continue
-            rows.append(row)
-            buckets[row["bucket_size"]] += 1
+    try:
+        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=list(RAW_COLUMNS)):
+            images = image_values(batch.column("image"))
+            longs, shorts = text_values(batch.column("recaption")), text_values(batch.column("recaption_short"))
+            for image, long, short in zip(images, longs, shorts, strict=True):
+                try:
+                    row = convert_row(image, long, short, opt)
+                except BadImage as e:
+                    dropped[e.reason] += 1
+                    continue
+                rows.append(row)
+                buckets[row["bucket_size"]] += 1
+    except (OSError, pa.ArrowException, ShardError) as e:  # a damaged row group, a column of the wrong type
+        raise BadShard("unreadable", str(e)) from None
     table = pa.Table.from_pylist(rows, schema=PHASE_SCHEMA)
-    meta = {"sd3.max_res": opt.max_res, "sd3.patch_size": opt.patch_size, "sd3.bucket_mode": opt.bucket_mode, "sd3.format": opt.fmt}
+    meta = {"sd3.max_res": opt.max_res, "sd3.patch_size": opt.patch_size, "sd3.bucket_mode": opt.bucket_mode,
+            "sd3.format": opt.fmt}
     write_table(dst, table, row_group_rows=row_group_rows_for(table, opt.row_group_bytes), metadata=meta)
     return len(rows), dropped, buckets
 
 
-def create_phase(input_dir: str | Path, output_dir: str | Path, opt: PhaseOptions, workers: int = 1, progress: bool = True) -> PhaseSummary:
-    """Convert every raw shard of input_dir not yet in output_dir. workers <= 1 runs in this process."""
+def create_phase(input_dir: str | Path, output_dir: str | Path, opt: PhaseOptions, workers: int = 1,
+                 progress: bool = True) -> PhaseSummary:
+    """Convert every raw shard of input_dir not yet in output_dir. workers <= 1 runs in this process.
+    Damaged shards are skipped and listed in the summary and in output_dir/create_phase_report.json."""
     sources = list_shards(input_dir)
     if not sources:
         raise FileNotFoundError(f"{input_dir}: no .parquet shards")
@@ -156,27 +190,28 @@ def create_phase(input_dir: str | Path, output_dir: str | Path, opt: PhaseOption
         bar.update(1)
         bar.set_postfix(kept=summary.kept, dropped=sum(summary.dropped.values()))
 
-    # A shard that cannot be read at all (not parquet, no image column) stops the run, naming the shard; the
-    # shards finished before it are kept, so a re-run after fixing it resumes.
+    def skip(src: Path, e: BadShard) -> None:
+        # One bad shard out of thousands must not cost the run: count it, name it in the report, go on.
+        summary.bad_shards[src.name] = (e.reason, e.detail)
+        log.warning("create-phase: skipping %s (%s: %s)", src, e.reason, e.detail)
+        bar.update(1)
+
     try:
         if workers <= 1 or len(todo) <= 1:
             for src, dst in todo:
                 try:
-                    result = convert_shard(src, dst, opt)
-                except (OSError, ValueError) as e:
-                    raise ShardError(f"create-phase failed on {src}: {e}") from e
-                record(result)
+                    record(convert_shard(src, dst, opt))
+                except BadShard as e:
+                    skip(src, e)
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 futures = {pool.submit(convert_shard, src, dst, opt): src for src, dst in todo}
                 for future in as_completed(futures):
                     try:
-                        result = future.result()
-                    except (OSError, ValueError) as e:
-                        for other in futures:
-                            other.cancel()
-                        raise ShardError(f"create-phase failed on {futures[future]}: {e}") from e
-                    record(result)
+                        record(future.result())
+                    except BadShard as e:
+                        skip(futures[future], e)
     finally:
         bar.close()
+    (output_dir / REPORT_FILE).write_text(json.dumps(summary.report(), indent=2) + "\n")
     return summary

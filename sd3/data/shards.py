@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sd3.errors import UserError
+
 RAW_COLUMNS = ("image", "recaption", "recaption_short")
 PHASE_SCHEMA = pa.schema(
     [
@@ -48,7 +50,7 @@ COMPRESSED_COLUMNS = ("recaption", "recaption_short")
 MAX_OPEN_FILES = 256
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard folder or file that cannot be used; the message names the file."""
 
 

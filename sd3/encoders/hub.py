@@ -20,9 +20,10 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 from transformers.utils import logging as hf_logging
 
 from sd3 import devices
+from sd3.errors import UserError
 
 
-class EncoderLoadError(RuntimeError):
+class EncoderLoadError(UserError, RuntimeError):
     """A frozen model that cannot be loaded. The message is one line naming the config key and the path or hub id."""
 
 

@@ -13,6 +13,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from sd3.errors import UnavailableError
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flash", "xformers", "sdpa")
@@ -54,7 +56,7 @@ def check_backend(name: str) -> None:
         raise ValueError(f"model.attention_backend '{name}' is not one of {', '.join(BACKENDS)}")
     if name != "auto" and not AVAILABLE[name]():
         package = {"flash": "flash-attn", "xformers": "xformers"}[name]
-        raise RuntimeError(
+        raise UnavailableError(
             f"model.attention_backend='{name}' was forced but {package} is not importable or CUDA is not available; "
             "install the gpu extra on a CUDA machine or use model.attention_backend=auto"
         )

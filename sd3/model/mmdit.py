@@ -24,8 +24,6 @@ from sd3.model.layers import (
 )
 from sd3.model.rope import Rope2d, sincos_2d
 
-POSITIONAL_ENCODINGS = ("RoPE2d", "absolute", "NoPE")
-
 
 def per_sample(fn, like: torch.Tensor, cast: bool = True):
     """Run a conditioning computation on (B, D) vectors in fp32 with autocast off, and hand back its outputs in the
@@ -137,8 +135,6 @@ class MMDiT(nn.Module):
         super().__init__()
         if cfg.dim % cfg.num_heads:
             raise ValueError(f"model.dim {cfg.dim} is not divisible by model.num_heads {cfg.num_heads}")
-        if cfg.positional_encoding not in POSITIONAL_ENCODINGS:
-            raise ValueError(f"model.positional_encoding '{cfg.positional_encoding}' is not one of {', '.join(POSITIONAL_ENCODINGS)}")
         if len(cfg.text_dims) != 2:
             raise ValueError(f"model.text_dims must list two widths [gemma, bert], got {cfg.text_dims}")
         check_backend(cfg.attention_backend)

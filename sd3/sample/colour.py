@@ -34,4 +34,4 @@ def classify(image: Image.Image, min_fraction: float = 0.01) -> Colours:
     counts = np.bincount(nearest[close], minlength=len(NAMES)) / len(nearest)  # (K,)
     order = np.argsort(-counts)
     shape = NAMES[order[1]] if counts[order[1]] >= min_fraction else None
-    return Colours(NAMES[order[0]], shape, {n: float(c) for n, c in zip(NAMES, counts)})
+    return Colours(NAMES[order[0]], shape, {n: float(c) for n, c in zip(NAMES, counts, strict=True)})

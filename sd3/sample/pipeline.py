@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from sd3.config import Config, apply_override
+from sd3.config import Config
+from sd3.config_loader import apply_override, config_from_dict
 from sd3.devices import resolve_device, resolve_dtype
 from sd3.model import MMDiT, build_model
 from sd3.sample.images import to_pil
@@ -132,7 +133,7 @@ class Pipeline:
         from sd3.encoders.vae import LatentVAE
 
         path = find_checkpoint(checkpoint)
-        cfg = Config.from_dict(json.loads((path / "config.json").read_text()), source=str(path / "config.json"))
+        cfg = config_from_dict(json.loads((path / "config.json").read_text()), source=str(path / "config.json"))
         for item in overrides:
             apply_override(cfg, item)
         device, dtype = resolve_device(device), resolve_dtype(dtype)

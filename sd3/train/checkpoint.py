@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from sd3.errors import read_file
+
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
@@ -422,9 +424,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     require_complete(path)
     device = str(torch.device(map_location))
     return Loaded(
-        model_state=load_file(str(path / MODEL_FILE), device=device),
-        ema_state=load_file(str(path / EMA_FILE), device=device),
-        train_state=torch.load(path / STATE_FILE, map_location=map_location, weights_only=True),
+        model_state=read_file(path / MODEL_FILE, load_file, device=device),
+        ema_state=read_file(path / EMA_FILE, load_file, device=device),
+        train_state=read_file(path / STATE_FILE, torch.load, map_location=map_location, weights_only=True),
         config_dict=json.loads((path / CONFIG_FILE).read_text()),
         meta=json.loads((path / META_FILE).read_text()),
     )

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sd3.config import TrainConfig
-from sd3.devices import resolve_dtype
+from sd3.devices import resolve_dtype, resolve_precision_name
 
 
 def stream_seed(seed: int, *keys: int | str) -> int:
@@ -54,7 +54,9 @@ class Precision:
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """`bf16` falls back to fp32 (with the reason printed by the caller) on a GPU without bf16 support."""
+    """`bf16` falls back to fp32 (with the reason printed by the caller) on a GPU without bf16 support; `auto` is
+    bf16 where the device runs it natively, else fp32 (sd3/devices.py)."""
+    name = resolve_precision_name(name, device)
     if name == "fp32":
         return Precision("fp32", None, device.type)
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():

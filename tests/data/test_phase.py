@@ -1,6 +1,7 @@
 """create-phase: sides multiples of 16, aspect kept to within a patch, height-first buckets, resumable, bad rows counted."""
 
 import io
+import json
 import math
 
 import pyarrow as pa
@@ -8,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from sd3.cli import main
 from sd3.data.buckets import area_buckets, exact_size
-from sd3.data.phase import PhaseOptions, create_phase
+from sd3.data.phase import REPORT_FILE, PhaseOptions, create_phase
 from sd3.data.shards import list_shards, write_table
 
 from . import helpers
@@ -50,7 +52,7 @@ def test_phase_output_sizes_and_bucket_names(tmp_path):
     summary = create_phase(tmp_path / "raw", tmp_path / "phase", PhaseOptions(max_res=128), workers=1, progress=False)
     assert summary.kept == len(SIZES) and not summary.dropped
     table = pq.read_table(tmp_path / "phase" / "a.parquet")
-    for (w0, h0), row in zip(SIZES, table.to_pylist()):
+    for (w0, h0), row in zip(SIZES, table.to_pylist(), strict=True):
         img = Image.open(io.BytesIO(row["image"]))
         assert img.format == "PNG"
         w, h = img.size
@@ -104,7 +106,7 @@ def test_area_mode_snaps_to_fixed_buckets(tmp_path):
     table = pq.read_table(tmp_path / "phase" / "a.parquet")
     allowed = {f"{h}x{w}" for h, w in area_buckets(64, 16)}
     assert set(table["bucket_size"].to_pylist()) <= allowed
-    for (w0, h0), row in zip(SIZES, table.to_pylist()):
+    for (w0, h0), row in zip(SIZES, table.to_pylist(), strict=True):
         assert Image.open(io.BytesIO(row["image"])).size == (row["width"], row["height"])
         if 0.5 <= w0 / h0 <= 2:  # inside the bucket range the aspect barely moves
             assert abs(math.log(row["width"] / row["height"]) - math.log(w0 / h0)) < 0.3
@@ -146,12 +148,34 @@ def test_hugging_face_image_structs_are_read(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_unreadable_shard_is_named_and_finished_shards_kept(tmp_path, workers):
-    from sd3.data.shards import ShardError
-
+def test_damaged_shards_are_skipped_counted_and_reported(tmp_path, workers):
     _raw_shard(tmp_path / "raw" / "a.parquet", SIZES[:2])
     (tmp_path / "raw" / "b.parquet").write_bytes(b"not parquet at all")
-    write_table(tmp_path / "raw" / "c.parquet", pa.table({"image": [helpers.solid_png()], "caption": ["no recaption column"]}))
-    with pytest.raises(ShardError, match=r"create-phase failed on .*(b|c)\.parquet"):
-        create_phase(tmp_path / "raw", tmp_path / "phase", PhaseOptions(max_res=64), workers=workers, progress=False)
-    assert (tmp_path / "phase" / "a.parquet").exists() or workers == 2
+    no_recaption = pa.table({"image": [helpers.solid_png()], "caption": ["no recaption column"]})
+    write_table(tmp_path / "raw" / "c.parquet", no_recaption)
+    _raw_shard(tmp_path / "raw" / "d.parquet", SIZES[2:4])
+    summary = create_phase(tmp_path / "raw", tmp_path / "phase", PhaseOptions(max_res=64), workers=workers,
+                           progress=False)
+    assert summary.kept == 4 and summary.shards_written == 2
+    assert {name: reason for name, (reason, _) in summary.bad_shards.items()} == {
+        "b.parquet": "not_parquet", "c.parquet": "missing_column"}
+    assert "2 damaged shards skipped (missing_column 1, not_parquet 1" in summary.line()
+    assert sorted(p.name for p in list_shards(tmp_path / "phase")) == ["a.parquet", "d.parquet"]
+    report = json.loads((tmp_path / "phase" / REPORT_FILE).read_text())
+    assert report["kept_rows"] == 4 and report["skipped_shards"]["c.parquet"]["reason"] == "missing_column"
+    assert "recaption" in report["skipped_shards"]["c.parquet"]["detail"]
+
+
+def test_cli_skips_damaged_shards_and_fails_only_when_nothing_is_usable(tmp_path, capsys):
+    raw, phase = tmp_path / "raw", tmp_path / "phase"
+    (raw / "z.parquet").parent.mkdir()
+    (raw / "z.parquet").write_bytes(b"PAR1 truncated")
+    argv = ["create-phase", "--input-dir", str(raw), "--output-dir", str(phase), "--max-res", "64", "--workers", "1",
+            "--no-progress"]
+    assert main(argv) == 2  # nothing usable
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no usable rows" in err[0] and REPORT_FILE in err[0]
+    _raw_shard(raw / "a.parquet", SIZES[:3])
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "kept 3 rows" in out and "1 damaged shards skipped (not_parquet 1" in out

@@ -2,8 +2,10 @@
 
 import pytest
 
-from sd3.config import TopologyConfig, load_config
+from sd3.config import TopologyConfig
+from sd3.config_loader import load_config
 from sd3.distributed.topology import Topology, TopologyError
+from sd3.errors import ConfigError
 
 
 def resolve(world: int, rank: int, local: int | None = None, **kw) -> Topology:
@@ -70,7 +72,7 @@ def test_colocated_and_cached_have_no_loader_ranks(mode):
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(TopologyError, match="topology.mode 'ring'"):
-        resolve(3, 0, 3, mode="ring")
+    with pytest.raises(ConfigError, match="'topology.mode' is 'ring', not one of loader, colocated, cached"):
+        load_config("tiny-cpu", ["--topology.mode=ring"])  # choices are checked once, where the config is loaded
     with pytest.raises(TopologyError, match="max_in_flight"):
         resolve(3, 0, 3, loaders_per_node=1, models_per_loader=2, max_in_flight=0)

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from distributed.fake_nccl import FakeCuda, FakeNet
 from sd3.batch import Batch
-from sd3.config import Config, load_config
+from sd3.config import Config
+from sd3.config_loader import load_config
 from sd3.distributed import heartbeat, topology
 from sd3.distributed.errors import LoaderFailed
 from sd3.distributed.loader import serve

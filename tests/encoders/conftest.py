@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sd3.config import Config, load_config
+from sd3.config import Config
+from sd3.config_loader import load_config
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd3.config import load_config
+from sd3.config_loader import load_config
 from sd3.data.batches import RawBatch, RowLoader
 from sd3.data.index import BucketIndex
 from sd3.data.sampler import BucketBatchSampler

@@ -72,7 +72,7 @@ def test_token_reaches_nothing_written(tiny_models, tmp_path, monkeypatch, caplo
     import torch
 
     from sd3.cli import main as cli_main
-    from sd3.config import load_config
+    from sd3.config_loader import load_config
     from sd3.data.batches import RawBatch
     from sd3.encoders.conditioner import Conditioner
 

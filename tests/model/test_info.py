@@ -6,7 +6,7 @@ from torch import nn
 
 from model.tiny import tiny_config
 from sd3.cli import main
-from sd3.config import load_config
+from sd3.config_loader import load_config
 from sd3.model import build_model
 from sd3.model.flops import count_parameters, matmul_weights, train_flops_per_image
 

@@ -8,7 +8,7 @@ from fixtures.training import train_overrides
 
 from sd3.commands.cache import build_cache
 from sd3.commands.train import run
-from sd3.config import load_config
+from sd3.config_loader import load_config
 from sd3.data.cached import CacheReader
 
 

@@ -9,7 +9,7 @@ import torch
 from fixtures.training import train_overrides
 
 from sd3.commands.train import run
-from sd3.config import load_config
+from sd3.config_loader import load_config
 from sd3.train.checkpoint import load_checkpoint
 
 

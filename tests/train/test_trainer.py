@@ -11,7 +11,7 @@ import pytest
 import torch
 from fixtures.training import train_overrides
 
-from sd3.config import load_config
+from sd3.config_loader import load_config
 from sd3.distributed import signals
 from sd3.train.checkpoint import load_checkpoint, resolve_checkpoint
 from sd3.train.logging import resolve_wandb_mode

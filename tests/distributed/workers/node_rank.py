@@ -13,7 +13,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from sd3.config import load_config
+from sd3.config_loader import load_config
 
 TRAIN_RANK = Path(__file__).resolve().parents[2] / "train" / "workers" / "train_rank.py"
 

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from sd3.commands.train import run
-from sd3.config import load_config
+from sd3.config_loader import load_config
 
 real_save = torch.save
 calls = {"n": 0}

@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from sd3.commands.train import run
-from sd3.config import load_config
+from sd3.config_loader import load_config
 
 
 def main(argv: list[str]) -> int:
