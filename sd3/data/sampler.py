@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sd3.data.index import BucketIndex
+from sd3.seeds import numpy_rng, stream_seed
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-# Purposes mixed into seeds so the streams never coincide.
-_PERMUTE, _ORDER, _STEP = 1, 2, 3
 # Uses of one step's randomness downstream (SamplerBatch.seed(purpose)).
 PURPOSE_CAPTIONS, PURPOSE_VAE, PURPOSE_CFG, PURPOSE_TIMESTEPS = 1, 2, 3, 4
 
@@ -56,11 +55,10 @@ class SamplerBatch:
 
     def seed(self, purpose: int) -> int:
         """An independent 63-bit seed for one use (`purpose`, e.g. PURPOSE_VAE) of this step's randomness."""
-        state = np.random.SeedSequence([self.seed_for_step, purpose]).generate_state(2, np.uint32)
-        return (int(state[0]) << 31) ^ int(state[1])
+        return stream_seed(self.seed_for_step, "purpose", purpose)
 
     def numpy_rng(self, purpose: int) -> np.random.Generator:
-        return np.random.default_rng(self.seed(purpose))
+        return numpy_rng(self.seed_for_step, "purpose", purpose)
 
     def torch_generator(self, purpose: int, device: str = "cpu") -> torch.Generator:
         import torch
@@ -142,11 +140,11 @@ class BucketBatchSampler:
             return self._plans[epoch]
         shares = []
         for b, size in zip(self.kept, self.share_sizes):
-            rng = np.random.default_rng([self.seed, _PERMUTE, epoch, int(b)])  # same on every loader
+            rng = numpy_rng(self.seed, "permute", epoch, int(b))  # same on every loader
             perm = rng.permutation(self.index.rows(int(b)))
             shares.append(perm[self.loader_index :: self.num_loaders][:size])
         bucket_of_batch = np.repeat(np.arange(len(self.kept)), self.chunks)
-        np.random.default_rng([self.seed, _ORDER, self.loader_index, epoch]).shuffle(bucket_of_batch)
+        numpy_rng(self.seed, "order", self.loader_index, epoch).shuffle(bucket_of_batch)
         if epoch == 0:
             first = int(np.flatnonzero(bucket_of_batch == self.largest)[0])
             bucket_of_batch[[0, first]] = bucket_of_batch[[first, 0]]
@@ -161,7 +159,7 @@ class BucketBatchSampler:
         return plan
 
     def seed_for_step(self, step: int) -> int:
-        return int(np.random.SeedSequence([self.seed, _STEP, self.loader_index, step]).generate_state(1, np.uint32)[0])
+        return stream_seed(self.seed, "step", self.loader_index, step)
 
     def batch(self, step: int) -> SamplerBatch:
         """The batch of `step` (0-based), independent of any state."""

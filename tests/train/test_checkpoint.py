@@ -13,15 +13,9 @@ import torch
 from torch import nn
 
 from sd3.config import Config, load_config
-from sd3.train.checkpoint import (
-    capture_rng_state,
-    check_weights_only,
-    load_checkpoint,
-    resolve_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-    scrub_secrets,
-)
+from sd3.train.checkpoint import check_weights_only, load_checkpoint, resolve_checkpoint, save_checkpoint
+from sd3.train.rng import capture_rng_state, restore_rng_state
+from sd3.train.secrets import scrub_secrets
 from sd3.train.schedule import build_scheduler
 
 

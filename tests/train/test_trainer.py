@@ -12,11 +12,12 @@ import torch
 from fixtures.training import train_overrides
 
 from sd3.config import load_config
+from sd3.seeds import stream_seed
 from sd3.train import signals
 from sd3.train.checkpoint import load_checkpoint, resolve_checkpoint
 from sd3.train.logging import resolve_wandb_mode
 from sd3.train.sources import ColocatedSource
-from sd3.train.step import build_optimizer, stream_seed
+from sd3.train.step import build_optimizer
 from sd3.train.trainer import ModelRanks, NonFiniteError, Trainer
 
 
@@ -25,16 +26,18 @@ def test_tiny_checkpoint_is_a_complete_run(tiny_checkpoint):
     assert resolve_checkpoint(run_dir) == tiny_checkpoint
     loaded = load_checkpoint(tiny_checkpoint, map_location="cpu")  # state.pt through torch.load(weights_only=True)
     state = loaded.train_state
-    assert state["step"] == 4 and state["micro_step"] == 4
-    assert state["samplers"] == {"0": {"step": 4}}
-    assert set(state["optimizer"]["state"]) and "scheduler" in state and "rng" in state
+    assert set(state) == {"optimizer", "scheduler", "scaler", "train"}  # one entry per component
+    assert state["train"]["step"] == 4 and state["train"]["micro_step"] == 4 and "rng" in state["train"]
+    # The data position is the loader's BucketBatchSampler.state_dict() at the checkpoint, in state.pt and meta.json.
+    position = state["train"]["samplers"]
+    assert set(position) == {"0"} and position["0"]["step"] == 4 and position["0"]["global_batch"] == 2
+    assert loaded.meta["samplers"] == position
+    assert set(state["optimizer"]["state"]) and state["scheduler"]["last_epoch"] == 4
     assert any(not torch.equal(loaded.model_state[k], loaded.ema_state[k]) for k in loaded.model_state)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 and "stall_pct" in r for r in records)
     assert records[0]["mfu_pct"] is None  # no known peak on a CPU
-    config_text = (tiny_checkpoint / "config.json").read_text()
-    assert "WANDB_API_KEY" not in config_text and "HF_TOKEN" not in config_text
 
 
 class Wrapped:
@@ -43,6 +46,8 @@ class Wrapped:
     def __init__(self, source: ColocatedSource):
         self.source = source
         self.num_loaders = source.num_loaders
+        self.counts_rows = source.counts_rows
+        self.sampler = source.sampler
 
     def stop(self, step: int) -> None:
         self.source.stop(step)
@@ -79,18 +84,18 @@ def test_nonfinite_steps_never_reach_weights_or_ema(tiny_models, shapes_phase, t
         assert not trainer.train_step().skipped
         before, ema_before = weights(trainer.model), trainer.ema.state_dict()
         result = trainer.train_step()  # micro-step 1: NaN latents
-        assert result.skipped and not math.isfinite(result.loss)
+        assert result.skipped and not math.isfinite(result.loss.item())
         assert all(torch.equal(before[k], v) for k, v in weights(trainer.model).items())
         assert all(torch.equal(ema_before[k], v) for k, v in trainer.ema.state_dict().items())
-        assert trainer.counters.nonfinite_steps == 1 and trainer.step == 2
+        assert trainer.state.nonfinite_steps == 1 and trainer.state.step == 2
         assert not trainer.train_step().skipped  # finite again: the weights move, the streak resets
         assert any(not torch.equal(before[k], v) for k, v in weights(trainer.model).items())
-        assert trainer.counters.nonfinite_in_row == 0
+        assert trainer.state.nonfinite_in_row == 0
         assert trainer.train_step().skipped
         with pytest.raises(NonFiniteError, match="2 optimizer steps in a row"):
             trainer.train_step()
     finally:
-        source.stop(trainer.micro_step)
+        source.stop(trainer.state.micro_step)
 
 
 class SignalsAt(Wrapped):
@@ -119,7 +124,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(tiny_models, shapes
             signals.clear()
     # The signal arrived during step 3 (micro-step 2); the run finished that step, saved it and stopped.
     assert resolve_checkpoint(tmp_path) == tmp_path / "step-00000003"
-    state = load_checkpoint(tmp_path / "step-00000003", map_location="cpu").train_state
+    state = load_checkpoint(tmp_path / "step-00000003", map_location="cpu").train_state["train"]
     assert state["step"] == 3 and state["samplers"]["0"]["step"] == 3
 
 
