@@ -92,7 +92,7 @@ class Checkpointer:
         self.is_main = is_main
         self.last_saved = -1
         self.barrier_group = None
-        if group is not None and dist.get_world_size(group) > 1:
+        if group is not None:
             # Rank 0 writes ~20 GB at the 1.2B size. The other ranks wait for it in a gloo barrier of its own with
             # a long deadline, not inside the next NCCL all_reduce under the watchdog's timeout (which would abort
             # them). use_local_synchronization: only the model ranks create it, the loaders are not involved.

@@ -6,10 +6,12 @@ import json
 import math
 import os
 import signal
+import threading
 
 import pytest
 import torch
 from fixtures.training import train_overrides
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sd3.config import load_config
 from sd3.seeds import stream_seed
@@ -211,3 +213,75 @@ def test_a_stop_forwarded_by_the_loader_stops_like_a_local_signal(tiny_models, s
     assert trainer.train() == signals.PREEMPTED_EXIT_CODE
     assert not signals.requested()  # nothing local: the flag came with the batch
     assert resolve_checkpoint(tmp_path) == tmp_path / "step-00000002"
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts aten._local_scalar_dense (`.item()`, `float(t)`, `bool(t)`): a device-to-host sync on a GPU.
+
+    torch's non-capturable AdamW keeps its `step` counters on the host by design and reads them there; those reads
+    are not device syncs (fused AdamW, used on CUDA, keeps them on the device), so they are not counted.
+    """
+
+    def __init__(self, host_tensors: set[int]):
+        super().__init__()
+        self.host_tensors = host_tensors
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].data_ptr() not in self.host_tensors:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_gpu_ready_at_most_one_host_sync_per_non_log_step(tiny_models, shapes_phase, tmp_path, monkeypatch):
+    cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, tmp_path, "--train.total_steps=10",
+                                                  "--train.log_every=100", "--train.ema_update_every=2"))
+    device = torch.device("cpu")
+    source = ColocatedSource(cfg, 0, 1, device, 0)
+    trainer = Trainer(cfg, ModelRanks(device), source)
+    try:
+        trainer.train_step()  # the optimizer creates its state on the first step
+        steps = {id(s["step"]): s["step"] for s in trainer.optimizer.state.values()}
+        # Tensor.tolist copies to the host without passing the dispatcher: count its calls on this thread too.
+        tolist_calls, real_tolist, main = [0], torch.Tensor.tolist, threading.get_ident()
+
+        def counting_tolist(self):
+            tolist_calls[0] += threading.get_ident() == main
+            return real_tolist(self)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+        counts = []
+        for _ in range(4):  # includes EMA updates (every 2 steps)
+            tolist_calls[0] = 0
+            with SyncCounter({t.data_ptr() for t in steps.values()}) as counter:
+                result = trainer.train_step()
+            counts.append(counter.count + tolist_calls[0])
+        assert counts == [1, 1, 1, 1], counts  # the skip / stop decision, nothing else
+        assert isinstance(result.loss, torch.Tensor) and isinstance(result.grad_norm, torch.Tensor)
+    finally:
+        source.stop(trainer.state.micro_step)
+
+
+def test_secret_values_never_reach_config_checkpoint_or_logs(tiny_models, shapes_phase, tmp_path, monkeypatch,
+                                                              capfd):
+    from sd3.commands.train import run
+
+    hf_token = "hf_" + "Q7xT2mK9pL4vR8nB3wZ6yC1dF5gH0jS2"
+    wandb_key = "9f3c2b1a0e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b"
+    monkeypatch.setenv("WANDB_API_KEY", wandb_key)
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", hf_token)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / ".env").write_text(f"HF_TOKEN={hf_token}\nWANDB_API_KEY={wandb_key}\n")
+    monkeypatch.chdir(workdir)  # the .env the hub helper finds from the working directory
+    save = tmp_path / "run"
+    cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, save, "--topology.mode=colocated",
+                                                  "--train.total_steps=2", "--train.save_every=2"))
+    assert run(cfg) == 0
+    out, err = capfd.readouterr()
+    written = {p: p.read_bytes() for p in save.rglob("*") if p.is_file()}
+    assert {"config.json", "meta.json", "state.pt", "metrics.jsonl"} <= {p.name for p in written}
+    for secret in (hf_token, wandb_key):
+        assert secret not in out and secret not in err
+        for path, data in written.items():
+            assert secret.encode() not in data, f"{secret[:6]}... found in {path}"
