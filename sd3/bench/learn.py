@@ -65,7 +65,7 @@ def validation_losses(pipe, samples: list, seed: int) -> dict[str, float]:
     from sd3.data.captions import clean_caption
     from sd3.encoders.vae import LatentVAE
     from sd3.sample.images import to_tensor
-    from sd3.train.flow import add_noise, flow_loss, sample_timesteps, velocity_target
+    from sd3.train.flow import draw_path, velocity_loss
 
     enc = pipe.cfg.encoders
     vae = LatentVAE.load(enc.vae, enc.vae_subfolder, pipe.device, enc.vae_dtype, with_decoder=False)
@@ -81,9 +81,7 @@ def validation_losses(pipe, samples: list, seed: int) -> dict[str, float]:
         for chunk in (index[k:k + 64] for k in range(0, len(index), 64)):
             images = to_tensor([samples[i].image for i in chunk])  # (B, 3, H, W) in [-1, 1]
             x0 = vae.encode(images, generator).to(pipe.device)  # (B, C, h, w)
-            noise = torch.randn(x0.shape, generator=generator).to(pipe.device)
-            t = sample_timesteps(len(chunk), generator, pipe.device)  # (B,)
-            x_t, target = add_noise(x0, noise, t), velocity_target(x0, noise)
+            t, noise = draw_path(x0, generator)  # (B,), (B, C, h, w): the trainer's draw (t ~ logit-normal(0, 1))
             context, pooled = pipe.encode([captions[i] for i in chunk])  # (B, 2T, D), (B, P)
             perm = derangement(len(chunk), generator)
             conditions = {
@@ -93,8 +91,9 @@ def validation_losses(pipe, samples: list, seed: int) -> dict[str, float]:
             }
             for name, (c, p) in conditions.items():
                 with torch.autocast(pipe.device.type, pipe.dtype, enabled=pipe.dtype != torch.float32):
-                    pred = pipe.model(x_t.to(pipe.dtype), t, c, p)  # (B, C, h, w)
-                totals[name] += flow_loss(pred, target).item() * len(chunk)
+                    # The model holds pipe.dtype weights: its input in that dtype, the target in fp32.
+                    loss = velocity_loss(lambda x, *rest: pipe.model(x.to(pipe.dtype), *rest), x0, t, noise, c, p)
+                totals[name] += loss.item() * len(chunk)
     return {name: total / len(samples) for name, total in totals.items()}
 
 

@@ -165,12 +165,12 @@ def train_phase(cfg, topo, steps: int) -> dict:
     from sd3.distributed.receiver import BatchReceiver
     from sd3.distributed.stats import TIMING_FIELDS
     from sd3.model import build_model
-    from sd3.train.flow import add_noise, flow_loss, sample_timesteps, velocity_target
+    from sd3.seeds import generator
+    from sd3.train.flow import training_loss
 
     torch.manual_seed(0)
     model = DistributedDataParallel(build_model(cfg.model), process_group=topo.model_group)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    generator = torch.Generator().manual_seed(topo.rank)
     receiver = BatchReceiver(topo, 0)
     images = wait = compute = 0.0
     start = 0.0
@@ -182,12 +182,10 @@ def train_phase(cfg, topo, steps: int) -> dict:
             start = time.perf_counter()
         batch, stats = receiver.next()
         t0 = time.perf_counter()
-        x0 = batch.latents.float()  # (B, C, h, w)
-        noise = torch.randn(x0.shape, generator=generator)
-        t = sample_timesteps(x0.shape[0], generator, x0.device)  # (B,)
+        # The trainer's objective (CFG dropout included) and its random stream for this rank and micro-step.
+        gen = generator(cfg.train.seed, step, topo.model_rank, "train")
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            pred = model(add_noise(x0, noise, t), t, batch.context.float(), batch.pooled.float())
-        loss = flow_loss(pred.float(), velocity_target(x0, noise))
+            loss = training_loss(model, batch.to(torch.device("cpu"), torch.float32), gen, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

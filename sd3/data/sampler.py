@@ -37,14 +37,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sd3.data.index import BucketIndex
+from sd3.seeds import numpy_rng, stream_seed
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-# Purposes mixed into seeds so the streams never coincide.
-_PERMUTE, _ORDER, _STEP = 1, 2, 3
 # Uses of one step's randomness downstream (SamplerBatch.seed(purpose)).
 PURPOSE_CAPTIONS, PURPOSE_VAE, PURPOSE_CFG, PURPOSE_TIMESTEPS = 1, 2, 3, 4
 STATE_VERSION = 2
@@ -67,11 +66,10 @@ class SamplerBatch:
 
     def seed(self, purpose: int) -> int:
         """An independent 63-bit seed for one use (`purpose`, e.g. PURPOSE_VAE) of this step's randomness."""
-        state = np.random.SeedSequence([self.seed_for_step, purpose]).generate_state(2, np.uint32)
-        return (int(state[0]) << 31) ^ int(state[1])
+        return stream_seed(self.seed_for_step, "purpose", purpose)
 
     def numpy_rng(self, purpose: int) -> np.random.Generator:
-        return np.random.default_rng(self.seed(purpose))
+        return numpy_rng(self.seed_for_step, "purpose", purpose)
 
     def torch_generator(self, purpose: int, device: str = "cpu") -> torch.Generator:
         import torch
@@ -117,18 +115,18 @@ class _Schedule:
         self._segment_plan = self._make_plan(segment) if segment.cursors is not None else None
 
     def permutation(self, epoch: int, bucket: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, _PERMUTE, epoch, bucket])  # the same on every loader
+        rng = numpy_rng(self.seed, "permute", epoch, bucket)  # the same on every loader
         return rng.permutation(self.index.rows(bucket))
 
     def _make_plan(self, segment: _Segment) -> _Plan:
         epoch = segment.epoch
         if segment.cursors is None:
             buckets, consumed = self.kept, np.zeros(len(self.kept), dtype=np.int64)
-            order_rng = np.random.default_rng([self.seed, _ORDER, epoch])
+            order_rng = numpy_rng(self.seed, "order", epoch)
         else:
             buckets = np.array([b for b, _ in segment.cursors], dtype=np.int64)
             consumed = np.array([c for _, c in segment.cursors], dtype=np.int64)
-            order_rng = np.random.default_rng([self.seed, _ORDER, epoch, segment.start_step])
+            order_rng = numpy_rng(self.seed, "order", epoch, "resumed at", segment.start_step)
         remaining = [self.permutation(epoch, int(b))[int(c):] for b, c in zip(buckets, consumed, strict=True)]
         chunks = np.array([-(-len(r) // self.global_batch) for r in remaining], dtype=np.int64)
         bucket_of_batch = np.repeat(np.arange(len(buckets)), chunks)
@@ -231,6 +229,7 @@ class BucketBatchSampler:
         self.min_bucket_size = int(min_bucket_size)
         self.threshold = self.min_bucket_size if self.min_bucket_size > 0 else sum(rows)
         self.step = 0  # the next step `next()` returns
+        self.resumed: str | None = None  # how load_state_dict continued: "exact", "elastic" or "restarted"
         self._schedule = self._new_schedule(_Segment(0, 0))
 
         small = np.flatnonzero(index.counts < self.threshold)
@@ -266,7 +265,7 @@ class BucketBatchSampler:
         return self._schedule.batches_per_epoch
 
     def seed_for_step(self, step: int) -> int:
-        return int(np.random.SeedSequence([self.seed, _STEP, self.loader_index, step]).generate_state(1, np.uint32)[0])
+        return stream_seed(self.seed, "step", self.loader_index, step)
 
     def batch(self, step: int) -> SamplerBatch:
         """This loader's batch of `step` (0-based), independent of any state but the data position resumed from."""
@@ -335,7 +334,8 @@ class BucketBatchSampler:
             log.warning("%s; a new pass over the data begins at step %d", message, step)
             self._schedule = self._new_schedule(_Segment(step, 0))
             self.step = step
-            return "restarted"
+            self.resumed = "restarted"
+            return self.resumed
         cursors = tuple((int(b), int(c)) for b, c in state["segment_cursors"])
         saved = _Segment(int(state["segment_start"]), int(state["segment_epoch"]),
                          cursors if int(state["segment_resumed"]) else None)
@@ -350,6 +350,7 @@ class BucketBatchSampler:
             self._schedule = self._new_schedule(_Segment(step, epoch, at))
             how = "elastic"
         self.step = step
+        self.resumed = how
         if how == "elastic":
             log.info("sampler: layout %s -> %s at step %d: the rest of the epoch is re-planned",
                      list(old_rows), list(self.loader_rows), step)

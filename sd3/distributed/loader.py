@@ -21,6 +21,7 @@ import torch
 
 from sd3.batch import Batch
 from sd3.config import Config
+from sd3.data.sampler import BucketBatchSampler
 from sd3.distributed import signals
 from sd3.distributed.errors import ConsumerFailed
 from sd3.distributed.sender import BatchSender
@@ -64,8 +65,9 @@ def serve(topology: Topology, sender: BatchSender, produce: Produce, start_step:
     return 0
 
 
-def run_loader(cfg: Config, topology: Topology, start_step: int) -> int:
-    """The whole life of a loader rank; `start_step` is the first sampler step its consumers expect. Exit code."""
+def run_loader(cfg: Config, topology: Topology, start_step: int, sampler: BucketBatchSampler | None = None) -> int:
+    """The whole life of a loader rank; `start_step` is the first sampler step its consumers expect; `sampler` the
+    loader's sampler placed at a resumed run's data position (None: a fresh one). Exit code."""
     if not topology.is_loader:
         raise ValueError(f"rank {topology.rank} is a {topology.role} rank, not a loader")
     # A stop signal does not stop a loader: it is forwarded in the headers (FLAG_STOP_REQUESTED), the model ranks
@@ -75,7 +77,7 @@ def run_loader(cfg: Config, topology: Topology, start_step: int) -> int:
         try:
             device = topology.device if cfg.encoders.device == "auto" else torch.device(cfg.encoders.device)
             global_batch = cfg.data.batch_size * len(topology.consumers)
-            producer = BatchProducer(cfg, global_batch, topology.loader_index, topology.num_loaders, device)
+            producer = BatchProducer(cfg, global_batch, topology.loader_index, topology.num_loaders, device, sampler)
         except Exception as e:
             text = f"{type(e).__name__}: {e}"
             log.error("loader rank %d failed to start: %s\n%s", topology.rank, text, traceback.format_exc())

@@ -9,22 +9,26 @@ seed_for_step(k), and the captions of step k are chosen from the same seed by th
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from sd3.batch import Batch
 from sd3.config import Config
+from sd3.data.sampler import BucketBatchSampler
 
 
-def build_sampler(cfg: Config, loader_index: int, num_loaders: int, global_batch: int):
-    """(index, sampler) of one loader over cfg.data's shards; loading the index checks it still matches the folder."""
+def build_sampler(cfg: Config, loader_index: int, num_loaders: int, global_batch: int,
+                  loader_rows: Sequence[int] | None = None):
+    """(index, sampler) of one loader over cfg.data's shards; loading the index checks it still matches the folder.
+    loader_rows: rows per step of every loader when they differ (loaders feeding unequal numbers of model ranks)."""
     from sd3.data.index import BucketIndex
     from sd3.data.sampler import BucketBatchSampler
 
     index = BucketIndex.load(cfg.data.bucket_indices_path, cfg.data.parquet_folder)
     sampler = BucketBatchSampler(
-        index, global_batch, cfg.data.seed, loader_index, num_loaders, cfg.data.min_bucket_size
+        index, global_batch, cfg.data.seed, loader_index, num_loaders, cfg.data.min_bucket_size, loader_rows
     )
     return index, sampler
 
@@ -42,11 +46,14 @@ class BatchProducer:
     """
 
     def __init__(self, cfg: Config, global_batch: int, loader_index: int, num_loaders: int,
-                 device: torch.device | str):
+                 device: torch.device | str, sampler: BucketBatchSampler | None = None):
         from sd3.data.batches import RowLoader, empty_counts
         from sd3.encoders.conditioner import Conditioner
 
-        self.index, self.sampler = build_sampler(cfg, loader_index, num_loaders, global_batch)
+        if sampler is None:
+            self.index, self.sampler = build_sampler(cfg, loader_index, num_loaders, global_batch)
+        else:  # a sampler already placed at its data position (a resumed run's; see sd3/train/checkpointer.py)
+            self.index, self.sampler = sampler.index, sampler
         self.rows = RowLoader(cfg.data.parquet_folder, cfg.data, row_counts=self.index.manifest["rows"])
         self.conditioner = Conditioner(cfg, device)
         self.decode_s = 0.0

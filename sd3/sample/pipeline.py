@@ -26,6 +26,7 @@ from sd3.devices import resolve_device, resolve_dtype
 from sd3.model import MMDiT, build_model
 from sd3.sample.images import to_pil
 from sd3.sample.samplers import SAMPLERS, guided, make_timesteps
+from sd3.train.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, resolve_checkpoint
 
 SIZE_MULTIPLE = 16  # VAE /8 then patch 2: every pixel side must be a multiple of 16
 
@@ -43,10 +44,8 @@ def check_size(width: int, height: int, max_res: int | None = None) -> None:
 def find_checkpoint(checkpoint: str | Path) -> Path:
     """A checkpoint directory itself, or a save_dir whose `latest` file names one."""
     path = Path(checkpoint)
-    if (path / "config.json").is_file():
+    if (path / CONFIG_FILE).is_file():
         return path
-    from sd3.train.checkpoint import resolve_checkpoint
-
     found = resolve_checkpoint(str(path)) if path.exists() else None
     if found is None:
         raise FileNotFoundError(f"no checkpoint at {checkpoint} (expected a step-XXXXXXXX dir with config.json, "
@@ -133,12 +132,12 @@ class Pipeline:
         from sd3.encoders.vae import LatentVAE
 
         path = find_checkpoint(checkpoint)
-        cfg = config_from_dict(json.loads((path / "config.json").read_text()), source=str(path / "config.json"))
+        cfg = config_from_dict(json.loads((path / CONFIG_FILE).read_text()), source=str(path / CONFIG_FILE))
         for item in overrides:
             apply_override(cfg, item)
         device, dtype = resolve_device(device), resolve_dtype(dtype)
 
-        weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
+        weights = path / (EMA_FILE if use_ema else MODEL_FILE)
         model = build_in_dtype(cfg, device, dtype)
         load_weights(model, weights)
 

@@ -1,20 +1,27 @@
-"""Checkpoint directories: written atomically, loadable without pickle, free of secrets (ARCHITECTURE §7).
+"""The checkpoint file format, in one place: names, atomic writes, retention, resolving, reading (ARCHITECTURE §7).
 
 Layout::
 
     <save_dir>/step-00012000/model.safetensors   model weights, keys as in model.state_dict()
                             /ema.safetensors     fp32 EMA weights, same keys
-                            /state.pt            optimizer, scheduler, scaler, RNG and sampler states, counters:
-                                                 tensors, numbers, strings, lists, dicts only, so that
+                            /state.pt            the training components' states (optimizer, scheduler, scaler,
+                                                 train state: step, counters, RNG, data position): tensors,
+                                                 numbers, strings, lists, dicts only, so that
                                                  torch.load(weights_only=True) reads it
                             /config.json         the resolved Config.to_dict(), secrets scrubbed
-                            /meta.json           step, wandb run id, ...
+                            /meta.json           step, wandb run id, data position: what a loader rank reads
+                                                 to resume (it never opens the ~10 GB state.pt)
     <save_dir>/latest                            text file naming the newest step directory, written last
 
 A save writes everything into `<save_dir>/.tmp-step-XXXXXXXX-<pid>`, fsyncs the files and the directory,
 renames it to `step-XXXXXXXX` (atomic on POSIX), then replaces `latest` the same way. A crash at any point
 leaves either the previous checkpoint as `latest` or a complete new one; temporary directories of dead
 processes are removed by the next save.
+
+Retention: the newest `keep_last` full checkpoints stay; with `keep_every = N` a step that is a multiple of N
+is kept forever as weights only (state.pt removed, meta.json marked `weights_only`), like the source's
+intermediate checkpoints but without their optimizer state. Weights-only checkpoints can be sampled from and
+started from with reset_optim, never resumed exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 from collections import OrderedDict
@@ -31,11 +37,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from sd3.errors import read_file
+from sd3.train.secrets import scrub_secrets
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,8 @@ EMA_FILE = "ema.safetensors"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
-REQUIRED_FILES = (MODEL_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE, META_FILE)
+WEIGHT_FILES = (MODEL_FILE, EMA_FILE, CONFIG_FILE, META_FILE)  # what a weights-only (keep_every) checkpoint has
+REQUIRED_FILES = (*WEIGHT_FILES, STATE_FILE)  # a full checkpoint: resumable exactly
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -54,7 +61,7 @@ TMP_ENTRY = re.compile(r"^\.tmp-.*-(\d+)$")
 class Loaded(NamedTuple):
     model_state: dict[str, torch.Tensor]
     ema_state: dict[str, torch.Tensor]
-    train_state: dict[str, Any]
+    train_state: dict[str, Any]  # {} for a weights-only checkpoint
     config_dict: dict[str, Any]
     meta: dict[str, Any]
 
@@ -92,101 +99,6 @@ def check_weights_only(obj: Any, path: str = "train_state") -> None:
         return
     raise TypeError(f"{path}: {type(obj).__module__}.{type(obj).__name__} is not weights_only-safe "
                     "(use tensors, numbers, strings, lists, dicts)")
-
-
-# ------------------------------------------------------------------------------------------------- secrets
-
-SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
-_SECRET_KEY_PARTS = {"token", "secret", "secrets", "password", "passwd", "apikey", "key", "auth", "credential"}
-# Hugging Face user tokens, in case one arrives under an innocent key name. (A 40-hex wandb key cannot be told
-# from a git commit id by its shape; it is caught by its key name or by $WANDB_API_KEY.)
-_SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
-
-
-def _looks_secret(key: str | None, value: str) -> bool:
-    if not value:
-        return False
-    if key is not None and _SECRET_KEY_PARTS & set(re.split(r"[^a-z0-9]+", key.lower())):
-        return True
-    for var in SECRET_ENV_VARS:
-        secret = os.environ.get(var, "")
-        if len(secret) >= 8 and secret in value:
-            return True
-    return bool(_SECRET_VALUE.search(value))
-
-
-def scrub_secrets(tree: Any, path: str = "") -> tuple[Any, list[str]]:
-    """A copy of a JSON-like tree without string values that look like credentials, and the removed paths.
-
-    Removed: strings under a key whose name has a part token / key / secret / password / auth (e.g.
-    `hf_token`, `wandb_api_key`; `text_tokens` is not such a part and numbers are never removed), strings that
-    contain the value of $HF_TOKEN / $HUGGING_FACE_HUB_TOKEN / $WANDB_API_KEY, and strings shaped like a
-    Hugging Face token or a wandb key. Only the paths are reported, never the values.
-    """
-    removed: list[str] = []
-
-    def walk(node: Any, key: str | None, where: str) -> tuple[bool, Any]:
-        if isinstance(node, str):
-            if _looks_secret(key, node):
-                removed.append(where or "<root>")
-                return False, None
-            return True, node
-        if isinstance(node, dict):
-            out = {}
-            for k, v in node.items():
-                keep, v2 = walk(v, str(k), f"{where}.{k}" if where else str(k))
-                if keep:
-                    out[k] = v2
-            return True, out
-        if isinstance(node, (list, tuple)):
-            out_list = []
-            for i, v in enumerate(node):
-                keep, v2 = walk(v, key, f"{where}[{i}]")
-                if keep:
-                    out_list.append(v2)
-            return True, out_list
-        return True, node
-
-    keep, clean = walk(tree, None, path)
-    return (clean if keep else None), removed
-
-
-# ---------------------------------------------------------------------------------------------- RNG states
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Global RNG states (torch CPU, every CUDA device, numpy, python `random`) in weights_only-safe form."""
-    version, internal, gauss_next = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),  # uint8 tensor
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(keys.astype(np.int64)),  # uint32 values, stored widened
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-    }
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of capture_rng_state. CUDA states are restored for the devices present (a resume on a machine
-    with another GPU count keeps the common ones)."""
-    torch.set_rng_state(state["torch"])
-    cuda_states = state.get("cuda", [])
-    if cuda_states and torch.cuda.is_available():
-        n = min(len(cuda_states), torch.cuda.device_count())
-        for device in range(n):
-            torch.cuda.set_rng_state(cuda_states[device], device)
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss_next"]))
-    npy = state["numpy"]
-    np.random.set_state(
-        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
-    )
 
 
 # ----------------------------------------------------------------------------------------------- file I/O
@@ -294,8 +206,10 @@ def save_checkpoint(
     config_dict: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int,
+    keep_every: int = 0,
 ) -> Path:
-    """Write `<save_dir>/step-<8 digits>/` atomically, point `latest` at it, keep the newest `keep_last`.
+    """Write `<save_dir>/step-<8 digits>/` atomically, point `latest` at it, keep the newest `keep_last` full
+    ones and, with keep_every = N > 0, the weights of every step divisible by N.
 
     keep_last < 1 keeps every checkpoint. The directory `latest` names is never pruned. A checkpoint of the same
     step is replaced. Returns the final directory.
@@ -333,12 +247,12 @@ def save_checkpoint(
         os.rename(tmp, final)
     _fsync_path(save_dir)
     _write_latest(save_dir, name)
-    _prune(save_dir, keep_last, keep=name)
+    _prune(save_dir, keep_last, keep_every, keep=name)
     return final
 
 
 def _complete_step_dirs(save_dir: Path) -> list[tuple[int, Path]]:
-    """(step, dir) of the complete checkpoints in save_dir, oldest first."""
+    """(step, dir) of the complete full checkpoints in save_dir, oldest first (weights-only ones are not)."""
     found = []
     for entry in save_dir.iterdir() if save_dir.is_dir() else []:
         m = STEP_DIR.match(entry.name)
@@ -347,12 +261,15 @@ def _complete_step_dirs(save_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _prune(save_dir: Path, keep_last: int, keep: str) -> None:
+def _prune(save_dir: Path, keep_last: int, keep_every: int, keep: str) -> None:
     if keep_last < 1:
         return
     dirs = _complete_step_dirs(save_dir)
-    for _, path in dirs[:-keep_last]:
+    for step, path in dirs[:-keep_last]:
         if path.name == keep:
+            continue
+        if keep_every > 0 and step % keep_every == 0:
+            strip_to_weights(path)
             continue
         # Rename first: a crash during rmtree leaves a temporary, not a half-deleted step directory.
         trash = save_dir / f"{TMP_PREFIX}trash-{path.name}-{os.getpid()}"
@@ -360,16 +277,35 @@ def _prune(save_dir: Path, keep_last: int, keep: str) -> None:
         _remove(trash)
 
 
+def strip_to_weights(path: Path) -> None:
+    """Turn a full checkpoint into a weights-only one: meta.json marked first, then state.pt removed, so a crash
+    in between leaves a full checkpoint that says it is weights-only (harmless: its files are all there)."""
+    meta = read_meta(path)
+    meta["weights_only"] = True
+    tmp = path / f"{TMP_PREFIX}{META_FILE}-{os.getpid()}"
+    _write_json(tmp, meta)
+    os.replace(tmp, path / META_FILE)
+    (path / STATE_FILE).unlink(missing_ok=True)
+    _fsync_path(path)
+
+
 # ----------------------------------------------------------------------------------------------- resolve / load
 
 
-def missing_files(path: Path) -> list[str]:
-    return [f for f in REQUIRED_FILES if not (path / f).is_file()]
+def missing_files(path: Path, full: bool = True) -> list[str]:
+    """The files a full (or, full=False, a weights-only) checkpoint needs that `path` lacks."""
+    return [f for f in (REQUIRED_FILES if full else WEIGHT_FILES) if not (path / f).is_file()]
+
+
+def is_weights_only(path: Path) -> bool:
+    """A checkpoint kept by keep_every: weights and EMA, no state.pt."""
+    return not (path / STATE_FILE).is_file() and not missing_files(path, full=False)
 
 
 def require_complete(path: Path) -> None:
-    """A one-line FileNotFoundError naming the first file a checkpoint directory lacks."""
-    missing = missing_files(path)
+    """A one-line FileNotFoundError naming the first file a checkpoint directory lacks (a weights-only one is
+    complete when it has its weights, EMA, config and meta)."""
+    missing = missing_files(path, full=not is_weights_only(path))
     if missing:
         raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {missing[0]}"
                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -419,14 +355,22 @@ def resolve_checkpoint(spec: str | Path | None, save_dir: str | Path | None = No
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Loaded:
-    """Read a checkpoint directory: weights via safetensors, state.pt with torch.load(weights_only=True)."""
+    """Read a checkpoint directory: weights via safetensors, state.pt (if any) with torch.load(weights_only=True)."""
     path = Path(path)
     require_complete(path)
     device = str(torch.device(map_location))
+    state_file = path / STATE_FILE
+    train_state = (read_file(state_file, torch.load, map_location=map_location, weights_only=True)
+                   if state_file.is_file() else {})
     return Loaded(
         model_state=read_file(path / MODEL_FILE, load_file, device=device),
         ema_state=read_file(path / EMA_FILE, load_file, device=device),
-        train_state=read_file(path / STATE_FILE, torch.load, map_location=map_location, weights_only=True),
+        train_state=train_state,
         config_dict=json.loads((path / CONFIG_FILE).read_text()),
-        meta=json.loads((path / META_FILE).read_text()),
+        meta=read_meta(path),
     )
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """meta.json of a checkpoint directory: small, so loader ranks read their data position from it alone."""
+    return json.loads((Path(path) / META_FILE).read_text())

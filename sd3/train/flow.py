@@ -9,12 +9,22 @@ Image Synthesis" (SD3), §2-3; the source README "Model Details"):
 
 Every random draw takes an explicit torch.Generator so a resumed run replays the same noise and masks.
 The functions are pure and work with any velocity model, so they are tested with a stand-in model.
+`training_loss` is the whole objective of one micro-batch — drop conditioning, draw t and noise, predict,
+loss — used by the trainer and both benchmarks (bench pipeline, bench learn), so they measure one objective.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from sd3.batch import Batch
+from sd3.config import Config
+
+# model(x_t, t, context, pooled) -> predicted velocity: the MMDiT, its DDP / compiled wrapper, or a stand-in.
+VelocityModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -103,3 +113,41 @@ def cfg_dropout(
         drop[:, 0:1].to(pooled.device), torch.zeros((), dtype=pooled.dtype, device=pooled.device), pooled
     )
     return context, pooled
+
+
+def draw_path(x0: torch.Tensor, generator: torch.Generator, mean: float = 0.0,
+              std: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, noise) for the clean latents x0 (B, C, h, w): logit-normal t (B,), then Gaussian noise like x0.
+
+    Drawn on the generator's device (a CUDA generator on a GPU: no host-to-device copy, no sync) in this order,
+    so a stream replays exactly on resume.
+    """
+    t = sample_timesteps(x0.shape[0], generator, x0.device, mean, std)  # (B,)
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+    return t, noise  # (B,), (B, C, h, w)
+
+
+def velocity_loss(model: VelocityModel, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                  context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """The flow-matching loss of `model` on the path point x_t between x0 and noise at t (fp32 scalar)."""
+    x_t = add_noise(x0, noise, t)  # (B, C, h, w)
+    pred = model(x_t, t, context, pooled)  # (B, C, h, w)
+    return flow_loss(pred, velocity_target(x0, noise))
+
+
+def training_loss(model: VelocityModel, batch: Batch, generator: torch.Generator, cfg: Config) -> torch.Tensor:
+    """The training objective of one micro-batch (already on the model's device): CFG dropout of the
+    conditioning, t and noise, prediction, loss. Run it under the precision's autocast.
+
+    The generator's draws, in order: 3·B CFG uniforms, B timesteps, the noise (see cfg_dropout, draw_path).
+    """
+    tc = cfg.train
+    # One memory layout whatever the source: the VAE returns channels-last latents, a cache or the transport
+    # contiguous ones, and the kernels (hence the last bits of the loss) differ between them.
+    x0 = batch.latents.contiguous()  # (B, C, h, w)
+    context, pooled = cfg_dropout(
+        batch.context.contiguous(), batch.pooled.contiguous(), cfg.model.text_tokens,
+        tc.null_prob_pooled, tc.null_prob_gemma, tc.null_prob_bert, generator,
+    )  # (B, 2T, D), (B, P)
+    t, noise = draw_path(x0, generator, tc.timestep_mean, tc.timestep_std)  # (B,), (B, C, h, w)
+    return velocity_loss(model, x0, t, noise, context, pooled)

@@ -129,7 +129,8 @@ class RunLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         shown = {k: v for k, v in values.items() if not k.startswith("skipped_") or v}
-        self.bar.set_postfix_str(format_metrics({k: shown[k] for k in ("loss", "lr", "images_per_s", "stall_pct") if k in shown}), refresh=False)
+        brief = {k: shown[k] for k in ("loss", "lr", "images_per_s", "stall_pct") if k in shown}
+        self.bar.set_postfix_str(format_metrics(brief), refresh=False)
         tqdm.write(f"step {step} {format_metrics(shown)}")
         self.wandb.log(values, step)
 

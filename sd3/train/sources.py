@@ -21,6 +21,11 @@ import torch
 
 from sd3.batch import Batch
 from sd3.config import Config
+from sd3.data.cached import CacheReader
+from sd3.data.sampler import BucketBatchSampler
+from sd3.distributed import BatchReceiver
+from sd3.encoders.producer import BatchProducer, build_sampler
+from sd3.train.checkpointer import ResumePlan, data_start
 
 
 @dataclass
@@ -34,7 +39,13 @@ class SourceStats:
 
 
 class BatchSource(Protocol):
+    """num_loaders: loaders in the job; counts_rows: this rank adds its loader's skip counts to the run's totals
+    (a loader's first consumer only); sampler: the BucketBatchSampler of this rank's loader, whose state_dict is
+    the data position a checkpoint stores."""
+
     num_loaders: int
+    counts_rows: bool
+    sampler: BucketBatchSampler
 
     def next(self) -> tuple[Batch, SourceStats]:
         """The next micro-batch of this rank (blocking)."""
@@ -58,11 +69,12 @@ class ColocatedSource:
     worker thread while the model trains on step k (torch releases the GIL in its kernels), the in-process
     analogue of the loader ranks' prefetch."""
 
-    def __init__(self, cfg: Config, loader_index: int, num_loaders: int, device: torch.device, start_step: int):
-        from sd3.encoders.producer import BatchProducer
-
-        self.producer = BatchProducer(cfg, cfg.data.batch_size, loader_index, num_loaders, device)
+    def __init__(self, cfg: Config, loader_index: int, num_loaders: int, device: torch.device, start_step: int,
+                 sampler: BucketBatchSampler | None = None):
+        self.producer = BatchProducer(cfg, cfg.data.batch_size, loader_index, num_loaders, device, sampler)
+        self.sampler = self.producer.sampler
         self.num_loaders = num_loaders
+        self.counts_rows = True  # every colocated rank is its own loader
         self.step = start_step
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="colocated-encoder")
         self.pending: Future = self.pool.submit(self.producer, self.step)
@@ -86,15 +98,17 @@ class ColocatedSource:
 class CachedSource:
     """Batches read from a cache folder: the sampler picks the rows, the cache supplies their encodings."""
 
-    def __init__(self, cfg: Config, loader_index: int, num_loaders: int, start_step: int):
-        from sd3.data.cached import CacheReader
-        from sd3.encoders.producer import build_sampler
-
+    def __init__(self, cfg: Config, loader_index: int, num_loaders: int, start_step: int,
+                 sampler: BucketBatchSampler | None = None):
         self.cfg = cfg
-        self.index, self.sampler = build_sampler(cfg, loader_index, num_loaders, cfg.data.batch_size)
+        if sampler is None:
+            self.index, self.sampler = build_sampler(cfg, loader_index, num_loaders, cfg.data.batch_size)
+        else:
+            self.index, self.sampler = sampler.index, sampler
         self.reader = CacheReader(cfg.topology.cache_folder)
         self.reader.check_compatible(cfg, self.index)
         self.num_loaders = num_loaders
+        self.counts_rows = True
         self.step = start_step
         self.read_s = 0.0
 
@@ -119,22 +133,16 @@ class CachedSource:
 class RemoteSource:
     """Batches from this rank's loader over torch.distributed (sd3/distributed). Raises LoaderFailed when it dies."""
 
-    def __init__(self, topology, start_step: int):
-        from sd3.distributed import BatchReceiver
-
+    def __init__(self, topology, start_step: int, sampler: BucketBatchSampler):
         self.receiver = BatchReceiver(topology, start_step)
+        self.sampler = sampler
         self.num_loaders = topology.num_loaders
         # Every consumer of a loader sees that loader's skip counts; only the first one adds them to the totals.
         self.counts_rows = topology.consumer_index == 0
 
     def next(self) -> tuple[Batch, SourceStats]:
-        batch, stats = self.receiver.next()
-        return batch, SourceStats(
-            step=stats.step,
-            timings=dict(stats.timings),
-            skipped=dict(stats.skipped),
-            stop_requested=bool(getattr(stats, "stop_requested", False)),
-        )
+        batch, stats = self.receiver.next()  # the transport's LoaderStats -> the trainer's one stats type
+        return batch, SourceStats(stats.step, dict(stats.timings), dict(stats.skipped), stats.stop_requested)
 
     def stop(self, step: int) -> None:
         self.receiver.stop(step)
@@ -144,15 +152,29 @@ class RemoteSource:
         self.receiver.fail(message)
 
 
-def build_source(cfg: Config, topology, device: torch.device, start_step: int) -> BatchSource:
-    """The source for cfg.topology.mode on a model rank."""
+def loader_sampler(cfg: Config, topology) -> BucketBatchSampler:
+    """The sampler of this rank's loader (a loader rank's own; a model rank's loader's; in colocated / cached
+    mode the rank's own stream), knowing every loader's rows per step: data.batch_size x the model ranks each feeds
+    (they may differ, e.g. 3 loaders feeding 2+2+1 ranks)."""
+    if cfg.topology.mode == "loader":
+        loader_rows = [cfg.data.batch_size * len(topology.loader_to_model[r]) for r in sorted(topology.loader_to_model)]
+    else:
+        loader_rows = [cfg.data.batch_size] * topology.num_loaders
+    return build_sampler(cfg, topology.loader_index, topology.num_loaders, loader_rows[topology.loader_index],
+                         loader_rows)[1]
+
+
+def build_source(cfg: Config, topology, device: torch.device, plan: ResumePlan | None) -> BatchSource:
+    """The source for cfg.topology.mode on a model rank, started at the data position of `plan` (or step 0)."""
     mode = cfg.topology.mode
+    sampler = loader_sampler(cfg, topology)
+    start_step = data_start(plan, sampler)
     if mode == "loader":
-        return RemoteSource(topology, start_step)
+        return RemoteSource(topology, start_step, sampler)
     if mode == "colocated":
         # The encoders share this rank's device, unless encoders.device=cpu keeps them off the GPU (to save memory).
         encoder_device = torch.device("cpu") if cfg.encoders.device == "cpu" else device
-        return ColocatedSource(cfg, topology.loader_index, topology.num_loaders, encoder_device, start_step)
+        return ColocatedSource(cfg, topology.loader_index, topology.num_loaders, encoder_device, start_step, sampler)
     if mode == "cached":
-        return CachedSource(cfg, topology.loader_index, topology.num_loaders, start_step)
+        return CachedSource(cfg, topology.loader_index, topology.num_loaders, start_step, sampler)
     raise ValueError(f"topology.mode '{mode}' is not one of loader, colocated, cached")

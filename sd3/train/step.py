@@ -1,4 +1,4 @@
-"""The pieces of one training step that are not the step itself: RNG streams, precision, the optimizer.
+"""The pieces of one training step that are not the step itself: precision, the optimizer, per-block norms.
 
 Kept apart from trainer.py so that the step there reads top to bottom without set-up detail.
 """
@@ -6,32 +6,13 @@ Kept apart from trainer.py so that the step there reads top to bottom without se
 from __future__ import annotations
 
 import contextlib
-import zlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from sd3.config import TrainConfig
 from sd3.devices import resolve_dtype, resolve_precision_name
-
-
-def stream_seed(seed: int, *keys: int | str) -> int:
-    """A 63-bit seed for the RNG stream named by (seed, keys...), e.g. (seed, step, rank, "noise").
-
-    Every random draw of training comes from such a stream rather than from a global RNG, so a batch's noise
-    and timesteps depend only on where it is in the run — the property exact resume relies on.
-    """
-    words = [int(seed) & 0xFFFFFFFF]
-    for key in keys:
-        words.append(zlib.crc32(key.encode()) if isinstance(key, str) else int(key) & 0xFFFFFFFF)
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def generator(seed: int, *keys: int | str, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch.Generator on `device` seeded with `stream_seed(seed, *keys)`."""
-    return torch.Generator(device=device).manual_seed(stream_seed(seed, *keys))
 
 
 @dataclass
@@ -64,7 +45,7 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     return Precision(name, resolve_dtype(name, "train.precision"), device.type)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only.
 
     Decaying norm gains, biases and the learnable scalars (the time scale initialised to 1000 and the text
@@ -79,6 +60,36 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # foreach (not fused) keeps CPU runs deterministic and works on every device.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+    # CUDA: the fused kernel (one launch for all parameters, its step counters on the device: no host sync).
+    # Elsewhere foreach, which keeps CPU runs bit-deterministic.
+    fused = device is not None and device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             **({"fused": True} if fused else {"foreach": True}))
+
+
+def block_of(name: str) -> str:
+    """The block a parameter belongs to: `blocks.3.attn.qkv.weight` -> `blocks.3`; top-level parts by their
+    first name (`x_embed.proj.weight` -> `x_embed`)."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+
+
+@torch.no_grad()
+def block_norms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """L2 norms of the gradient and of the weights of every block, as device scalars keyed `grad_norm/<block>`
+    and `weight_norm/<block>`. Called after the GradScaler unscaled the gradients (the source notes wandb's own
+    gradient hook reads scaled values under AMP)."""
+    grads: dict[str, list[torch.Tensor]] = {}
+    weights: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        block = block_of(name)
+        weights.setdefault(block, []).append(p.detach())
+        if p.grad is not None:
+            grads.setdefault(block, []).append(p.grad.detach())
+    out = {}
+    for block, tensors in grads.items():
+        out[f"grad_norm/{block}"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    for block, tensors in weights.items():
+        out[f"weight_norm/{block}"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    return out
 

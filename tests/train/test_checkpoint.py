@@ -1,7 +1,6 @@
 """Checkpoint directories (sd3/train/checkpoint.py): round trip, atomicity, pruning, weights_only, secrets."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -14,16 +13,10 @@ from torch import nn
 
 from sd3.config import Config
 from sd3.config_loader import config_from_dict, load_config
-from sd3.train.checkpoint import (
-    capture_rng_state,
-    check_weights_only,
-    load_checkpoint,
-    resolve_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-    scrub_secrets,
-)
+from sd3.train.checkpoint import WEIGHT_FILES, check_weights_only, load_checkpoint, resolve_checkpoint, save_checkpoint
+from sd3.train.rng import capture_rng_state, restore_rng_state
 from sd3.train.schedule import build_scheduler
+from sd3.train.secrets import scrub_secrets
 
 
 class Tied(nn.Module):
@@ -58,11 +51,12 @@ def _states(seed: int = 0):
     return model_state, ema_state, train_state
 
 
-def _save(save_dir, step, keep_last=3, config=None, meta=None):
+def _save(save_dir, step, keep_last=3, config=None, meta=None, keep_every=0):
     model_state, ema_state, train_state = _states(step)
     return save_checkpoint(
         save_dir, step, model_state, ema_state, train_state,
         config if config is not None else Config().to_dict(), meta or {"wandb_run_id": "abc123"}, keep_last,
+        keep_every,
     )
 
 
@@ -72,7 +66,7 @@ def _equal_trees(a, b) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_equal_trees(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal_trees(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_equal_trees(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -92,11 +86,24 @@ def test_round_trip_is_exact_and_state_loads_weights_only(tmp_path):
     assert torch.load(path / "state.pt", weights_only=True)["step"] == 7
     assert config_from_dict(loaded.config_dict).to_dict() == config
     assert loaded.meta == {"wandb_run_id": "r1", "step": 1}
-    # The optimizer state goes back into a fresh optimizer.
+    # The optimizer state goes back into a fresh optimizer and steps exactly like the one it was saved from.
+    torch.manual_seed(1)
+    saved_model = Tied()
+    saved_opt = torch.optim.AdamW(saved_model.parameters(), lr=1e-3)
+    saved_model.a(torch.randn(2, 4)).sum().backward()
+    saved_opt.step()
+    saved_opt.zero_grad()
     model = Tied()
+    model.load_state_dict(saved_model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    opt.load_state_dict(loaded.train_state["optimizer"])
-    model.load_state_dict({k: v for k, v in loaded.model_state.items() if k not in ("view", "bf16")})
+    opt.load_state_dict(load_checkpoint(save_checkpoint(
+        tmp_path / "opt", 1, dict(saved_model.state_dict()), {}, {"optimizer": saved_opt.state_dict()}, {}, {}, 3,
+    )).train_state["optimizer"])
+    assert _equal_trees(opt.state_dict(), saved_opt.state_dict())
+    for m, o in ((model, opt), (saved_model, saved_opt)):
+        m.a(torch.ones(2, 4)).sum().backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), saved_model.parameters(), strict=True))
 
 
 def test_rng_states_restore_every_generator():
@@ -226,4 +233,23 @@ def test_config_json_never_holds_secrets(tmp_path, monkeypatch):
     assert "other_secret" not in saved["data"] and saved["train"]["notes"] == ["fine"]
     assert saved["model"]["text_tokens"] == config["model"]["text_tokens"]
     assert json.loads((path / "meta.json").read_text()) == {"wandb_run_id": "r", "step": 1}
-    assert os.environ["HF_TOKEN"] == token  # the environment itself is left alone
+
+
+def test_keep_every_keeps_weights_forever_and_drops_the_optimizer(tmp_path):
+    for step in range(10, 101, 10):
+        _save(tmp_path, step, keep_last=2, keep_every=30)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["latest", "step-00000030", "step-00000060", "step-00000090", "step-00000100"]
+    for kept in ("step-00000030", "step-00000060"):  # out of keep_last: weights, EMA, config, meta; no state.pt
+        assert sorted(p.name for p in (tmp_path / kept).iterdir()) == sorted(WEIGHT_FILES)
+        assert json.loads((tmp_path / kept / "meta.json").read_text())["weights_only"] is True
+        loaded = load_checkpoint(resolve_checkpoint(tmp_path / kept))
+        assert loaded.train_state == {} and loaded.model_state and loaded.ema_state
+    for full in ("step-00000090", "step-00000100"):  # the last keep_last are full, even 90 (a multiple of 30)
+        assert (tmp_path / full / "state.pt").is_file()
+    # resume=auto never picks a weights-only checkpoint; keep_last counts full checkpoints only.
+    assert resolve_checkpoint("auto", tmp_path) == tmp_path / "step-00000100"
+    _save(tmp_path, 110, keep_last=2, keep_every=30)
+    _save(tmp_path, 120, keep_last=2, keep_every=30)
+    assert not (tmp_path / "step-00000090" / "state.pt").exists() and (tmp_path / "step-00000090").is_dir()
+    assert not (tmp_path / "step-00000100").exists()  # not a multiple of 30: removed once out of keep_last

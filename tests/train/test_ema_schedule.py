@@ -134,3 +134,22 @@ def test_scheduler_state_resumes_under_weights_only_and_takes_the_new_shape():
 def test_bad_schedule_name_is_a_clear_error():
     with pytest.raises(ValueError, match="train.lr_schedule"):
         _scheduler(lr_schedule="linear")
+
+
+def test_gpu_ready_ema_lives_on_the_model_device_and_updates_with_one_foreach_lerp(monkeypatch):
+    from sd3.config import TrainConfig
+    from sd3.train.ema import EMA
+
+    assert TrainConfig().ema_device == "device"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    ema = EMA(model, 0.9, device="cpu")  # the model's device here
+    expected = {k: 0.9 * v + 0.1 * (v + 1) for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    calls = []
+    real = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    ema.update(model)
+    assert calls == [4]  # one fused call over all four parameters, no per-tensor loop
+    assert all(torch.allclose(ema.state_dict()[k], expected[k]) for k in expected)

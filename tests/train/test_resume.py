@@ -54,7 +54,8 @@ def test_resume_replays_the_uninterrupted_run(tiny_models, shapes_phase, tmp_pat
     assert_same_tree(one.ema_state, two.ema_state, "ema")
     assert_same_tree(one.train_state["optimizer"], two.train_state["optimizer"], "optimizer")
     assert_same_tree(one.train_state["scheduler"], two.train_state["scheduler"], "scheduler")
-    assert one.train_state["samplers"] == two.train_state["samplers"] == {"0": {"step": 20}}
+    assert one.train_state["train"]["samplers"] == two.train_state["train"]["samplers"]
+    assert two.train_state["train"]["samplers"]["0"]["step"] == 20
     assert one.meta["wandb_run_id"] != two.meta["wandb_run_id"]  # separate runs ...
     first_half = load_checkpoint(split / "step-00000010", map_location="cpu")
     assert first_half.meta["wandb_run_id"] == two.meta["wandb_run_id"]  # ... but the resumed one kept its id
@@ -67,8 +68,8 @@ def test_reset_optim_keeps_weights_and_starts_a_new_stage(tiny_checkpoint, tiny_
         "--train.reset_optim=true", "--train.reset_wandb=true", "--train.total_steps=1", "--model.max_res=128",
     ))
     seen = {}
-    assert run(cfg, after_train=lambda t: seen.update(step=t.step, run_id=t.run_id)) == 0
-    assert seen["step"] == 1
+    assert run(cfg, after_train=lambda t: seen.update(step=t.state.step, micro_step=t.state.micro_step)) == 0
+    assert seen["step"] == 1 and seen["micro_step"] == 1  # the data starts again from sampler step 0
     new = load_checkpoint(tmp_path / "step-00000001", map_location="cpu")
     old = load_checkpoint(tiny_checkpoint, map_location="cpu")
     assert new.meta["wandb_run_id"] != old.meta["wandb_run_id"]
@@ -91,8 +92,8 @@ def test_kill_during_checkpoint_write_falls_back_to_the_previous_one(tiny_models
     from sd3.train.checkpoint import resolve_checkpoint
 
     assert resolve_checkpoint(tmp_path) == tmp_path / "step-00000002"
-    assert load_checkpoint(tmp_path / "step-00000002", map_location="cpu").train_state["step"] == 2
+    assert load_checkpoint(tmp_path / "step-00000002", map_location="cpu").train_state["train"]["step"] == 2
     # And the run continues from it.
     steps = {}
-    assert run(load_config("tiny-cpu", [*args, "--train.resume=auto"]), after_train=lambda t: steps.update(step=t.step)) == 0
+    assert run(load_config("tiny-cpu", [*args, "--train.resume=auto"]), after_train=lambda t: steps.update(step=t.state.step)) == 0
     assert steps["step"] == 4 and resolve_checkpoint(tmp_path) == tmp_path / "step-00000004"

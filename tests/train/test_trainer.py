@@ -6,17 +6,20 @@ import json
 import math
 import os
 import signal
+import threading
 
 import pytest
 import torch
 from fixtures.training import train_overrides
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sd3.config_loader import load_config
 from sd3.distributed import signals
+from sd3.seeds import stream_seed
 from sd3.train.checkpoint import load_checkpoint, resolve_checkpoint
 from sd3.train.logging import resolve_wandb_mode
 from sd3.train.sources import ColocatedSource
-from sd3.train.step import build_optimizer, stream_seed
+from sd3.train.step import build_optimizer
 from sd3.train.trainer import ModelRanks, NonFiniteError, Trainer
 
 
@@ -25,16 +28,18 @@ def test_tiny_checkpoint_is_a_complete_run(tiny_checkpoint):
     assert resolve_checkpoint(run_dir) == tiny_checkpoint
     loaded = load_checkpoint(tiny_checkpoint, map_location="cpu")  # state.pt through torch.load(weights_only=True)
     state = loaded.train_state
-    assert state["step"] == 4 and state["micro_step"] == 4
-    assert state["samplers"] == {"0": {"step": 4}}
-    assert set(state["optimizer"]["state"]) and "scheduler" in state and "rng" in state
+    assert set(state) == {"optimizer", "scheduler", "scaler", "train"}  # one entry per component
+    assert state["train"]["step"] == 4 and state["train"]["micro_step"] == 4 and "rng" in state["train"]
+    # The data position is the loader's BucketBatchSampler.state_dict() at the checkpoint, in state.pt and meta.json.
+    position = state["train"]["samplers"]
+    assert set(position) == {"0"} and position["0"]["step"] == 4 and position["0"]["loader_rows"] == [2]
+    assert loaded.meta["samplers"] == position
+    assert set(state["optimizer"]["state"]) and state["scheduler"]["last_epoch"] == 4
     assert any(not torch.equal(loaded.model_state[k], loaded.ema_state[k]) for k in loaded.model_state)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 and "stall_pct" in r for r in records)
     assert records[0]["mfu_pct"] is None  # no known peak on a CPU
-    config_text = (tiny_checkpoint / "config.json").read_text()
-    assert "WANDB_API_KEY" not in config_text and "HF_TOKEN" not in config_text
 
 
 class Wrapped:
@@ -43,6 +48,8 @@ class Wrapped:
     def __init__(self, source: ColocatedSource):
         self.source = source
         self.num_loaders = source.num_loaders
+        self.counts_rows = source.counts_rows
+        self.sampler = source.sampler
 
     def stop(self, step: int) -> None:
         self.source.stop(step)
@@ -79,18 +86,18 @@ def test_nonfinite_steps_never_reach_weights_or_ema(tiny_models, shapes_phase, t
         assert not trainer.train_step().skipped
         before, ema_before = weights(trainer.model), trainer.ema.state_dict()
         result = trainer.train_step()  # micro-step 1: NaN latents
-        assert result.skipped and not math.isfinite(result.loss)
+        assert result.skipped and not math.isfinite(result.loss.item())
         assert all(torch.equal(before[k], v) for k, v in weights(trainer.model).items())
         assert all(torch.equal(ema_before[k], v) for k, v in trainer.ema.state_dict().items())
-        assert trainer.counters.nonfinite_steps == 1 and trainer.step == 2
+        assert trainer.state.nonfinite_steps == 1 and trainer.state.step == 2
         assert not trainer.train_step().skipped  # finite again: the weights move, the streak resets
         assert any(not torch.equal(before[k], v) for k, v in weights(trainer.model).items())
-        assert trainer.counters.nonfinite_in_row == 0
+        assert trainer.state.nonfinite_in_row == 0
         assert trainer.train_step().skipped
         with pytest.raises(NonFiniteError, match="2 optimizer steps in a row"):
             trainer.train_step()
     finally:
-        source.stop(trainer.micro_step)
+        source.stop(trainer.state.micro_step)
 
 
 class SignalsAt(Wrapped):
@@ -119,7 +126,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(tiny_models, shapes
             signals.clear()
     # The signal arrived during step 3 (micro-step 2); the run finished that step, saved it and stopped.
     assert resolve_checkpoint(tmp_path) == tmp_path / "step-00000003"
-    state = load_checkpoint(tmp_path / "step-00000003", map_location="cpu").train_state
+    state = load_checkpoint(tmp_path / "step-00000003", map_location="cpu").train_state["train"]
     assert state["step"] == 3 and state["samplers"]["0"]["step"] == 3
 
 
@@ -206,3 +213,75 @@ def test_a_stop_forwarded_by_the_loader_stops_like_a_local_signal(tiny_models, s
     assert trainer.train() == signals.PREEMPTED_EXIT_CODE
     assert not signals.requested()  # nothing local: the flag came with the batch
     assert resolve_checkpoint(tmp_path) == tmp_path / "step-00000002"
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts aten._local_scalar_dense (`.item()`, `float(t)`, `bool(t)`): a device-to-host sync on a GPU.
+
+    torch's non-capturable AdamW keeps its `step` counters on the host by design and reads them there; those reads
+    are not device syncs (fused AdamW, used on CUDA, keeps them on the device), so they are not counted.
+    """
+
+    def __init__(self, host_tensors: set[int]):
+        super().__init__()
+        self.host_tensors = host_tensors
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].data_ptr() not in self.host_tensors:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_gpu_ready_at_most_one_host_sync_per_non_log_step(tiny_models, shapes_phase, tmp_path, monkeypatch):
+    cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, tmp_path, "--train.total_steps=10",
+                                                  "--train.log_every=100", "--train.ema_update_every=2"))
+    device = torch.device("cpu")
+    source = ColocatedSource(cfg, 0, 1, device, 0)
+    trainer = Trainer(cfg, ModelRanks(device), source)
+    try:
+        trainer.train_step()  # the optimizer creates its state on the first step
+        steps = {id(s["step"]): s["step"] for s in trainer.optimizer.state.values()}
+        # Tensor.tolist copies to the host without passing the dispatcher: count its calls on this thread too.
+        tolist_calls, real_tolist, main = [0], torch.Tensor.tolist, threading.get_ident()
+
+        def counting_tolist(self):
+            tolist_calls[0] += threading.get_ident() == main
+            return real_tolist(self)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+        counts = []
+        for _ in range(4):  # includes EMA updates (every 2 steps)
+            tolist_calls[0] = 0
+            with SyncCounter({t.data_ptr() for t in steps.values()}) as counter:
+                result = trainer.train_step()
+            counts.append(counter.count + tolist_calls[0])
+        assert counts == [1, 1, 1, 1], counts  # the skip / stop decision, nothing else
+        assert isinstance(result.loss, torch.Tensor) and isinstance(result.grad_norm, torch.Tensor)
+    finally:
+        source.stop(trainer.state.micro_step)
+
+
+def test_secret_values_never_reach_config_checkpoint_or_logs(tiny_models, shapes_phase, tmp_path, monkeypatch,
+                                                              capfd):
+    from sd3.commands.train import run
+
+    hf_token = "hf_" + "Q7xT2mK9pL4vR8nB3wZ6yC1dF5gH0jS2"
+    wandb_key = "9f3c2b1a0e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b"
+    monkeypatch.setenv("WANDB_API_KEY", wandb_key)
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", hf_token)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / ".env").write_text(f"HF_TOKEN={hf_token}\nWANDB_API_KEY={wandb_key}\n")
+    monkeypatch.chdir(workdir)  # the .env the hub helper finds from the working directory
+    save = tmp_path / "run"
+    cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, save, "--topology.mode=colocated",
+                                                  "--train.total_steps=2", "--train.save_every=2"))
+    assert run(cfg) == 0
+    out, err = capfd.readouterr()
+    written = {p: p.read_bytes() for p in save.rglob("*") if p.is_file()}
+    assert {"config.json", "meta.json", "state.pt", "metrics.jsonl"} <= {p.name for p in written}
+    for secret in (hf_token, wandb_key):
+        assert secret not in out and secret not in err
+        for path, data in written.items():
+            assert secret.encode() not in data, f"{secret[:6]}... found in {path}"

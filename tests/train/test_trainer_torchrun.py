@@ -64,7 +64,7 @@ def test_loader_and_two_model_ranks_stop_on_sigterm_and_resume(tiny_models, shap
     out_a = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out_a[-3000:]
     stopped = resolve_checkpoint(save)
-    stop_step = load_checkpoint(stopped, map_location="cpu").train_state["step"]
+    stop_step = load_checkpoint(stopped, map_location="cpu").train_state["train"]["step"]
     assert STOP_AFTER <= stop_step < TOTAL_STEPS and stopped.name == f"step-{stop_step:08d}"
     assert "stop requested" in out_a
 
