@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model.tiny import tiny_config
+from model.tiny import make_inputs, tiny_config
 from sd3.model import attention as attn
 from sd3.model import build_model
 
@@ -124,3 +124,29 @@ def test_impossible_forced_backend_is_a_build_error(pretend, change, message):
     pretend(flash=True, xformers=True)
     with pytest.raises(RuntimeError, match=message):
         build_model(tiny_config(**change))
+
+
+def test_gpu_ready_empty_batch_never_reaches_flash(pretend, monkeypatch):
+    """Issue 18 item 6: flash-attn rejects batch 0, and an all-skipped step sends one. A strict fake flash kernel
+    raises on B = 0; the model still runs forward and backward, and every weight gets a (zero) gradient, which
+    DDP needs from every rank."""
+    calls = []
+
+    def strict_flash(q, k, v, scale):
+        if q.shape[0] == 0:
+            raise RuntimeError("flash_attn: batch size must be positive")
+        calls.append(q.shape[0])
+        return attn.sdpa(q, k, v, scale)
+
+    pretend(flash=True, xformers=False)
+    monkeypatch.setitem(attn.KERNELS, "flash", strict_flash)
+    cfg = tiny_config(attention_backend="flash")
+    model = build_model(cfg)
+    for batch in (2, 0):
+        model.zero_grad(set_to_none=True)
+        x, t, context, pooled = make_inputs(cfg, batch, 4, 4)
+        out = model(x, t, context, pooled)
+        assert out.shape == x.shape
+        (out.float().sum() * 0.0).backward()
+        assert all(p.grad is not None for p in model.parameters())
+    assert calls == [2] * cfg.num_blocks  # the B = 2 pass used the (fake) flash kernel in every block
