@@ -14,11 +14,17 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from sd3.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flash", "xformers", "sdpa")
 KINDS = ("softmax", "cosine")
 _logged: set[str] = set()
+
+
+class BackendError(ConfigError, RuntimeError):
+    """A forced attention backend that cannot run here: a user error (the cli prints it as one line, exit 2)."""
 
 
 def flash_available() -> bool:
@@ -61,14 +67,14 @@ def check_backend(name: str, kind: str = "softmax", qk_dim: int = 0, v_dim: int 
     if name == "auto":
         return
     if kind == "cosine":
-        raise RuntimeError(f"model.attention_backend='{name}' was forced but model.attention='cosine' is linear "
+        raise BackendError(f"model.attention_backend='{name}' was forced but model.attention='cosine' is linear "
                            "attention with no softmax kernel; use model.attention_backend=auto")
     if name in SAME_HEAD_DIM and qk_dim != v_dim:
-        raise RuntimeError(f"model.attention_backend='{name}' was forced but its kernel needs equal q/k and v head "
+        raise BackendError(f"model.attention_backend='{name}' was forced but its kernel needs equal q/k and v head "
                            f"dims and model.qk_half_dim gives {qk_dim} vs {v_dim}; use sdpa or auto")
     if not AVAILABLE[name]():
         package = {"flash": "flash-attn", "xformers": "xformers"}[name]
-        raise RuntimeError(
+        raise BackendError(
             f"model.attention_backend='{name}' was forced but {package} is not importable or CUDA is not available; "
             "install the gpu extra on a CUDA machine or use model.attention_backend=auto"
         )
