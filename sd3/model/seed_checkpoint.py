@@ -45,9 +45,10 @@ def model_config(params: dict[str, Any], base: ModelConfig | None = None) -> Mod
     position = params.get("positional_encoding", "RoPE2d")
     if attn_type not in ATTENTION:
         raise SeedCheckpointError(f"attn_type '{attn_type}' is not converted (supported: {', '.join(ATTENTION)})")
+    if mlp_type == "gelu":
+        raise SeedCheckpointError("MLP_type 'gelu' is not converted: the source's GELU is exact (erf), ours tanh")
     if mlp_type not in MLPS:
-        raise SeedCheckpointError(f"MLP_type '{mlp_type}' is not converted: the source's GELU is the exact erf form, "
-                                  "ours the tanh one" if mlp_type == "gelu" else f"MLP_type '{mlp_type}' is unknown")
+        raise SeedCheckpointError(f"MLP_type '{mlp_type}' is unknown (supported: {', '.join(MLPS)})")
     if position not in POSITIONS:
         raise SeedCheckpointError(f"positional_encoding '{position}' is not converted exactly (supported: "
                                   f"{', '.join(POSITIONS)}; absolute and RoPE2dV2 differ in construction)")
