@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("sd3.commands.cache", "run the encoders once over the shards and write latents + embeddings"),
     "train": ("sd3.commands.train", "train the MMDiT (run under torchrun)"),
     "sample": ("sd3.commands.sample", "generate images from a checkpoint"),
+    "import-seed": ("sd3.commands.import_seed", "convert a source (gmongaras/SD3-From-Scratch) checkpoint into ours"),
     "quickstart": ("sd3.commands.quickstart", "from nothing: tiny encoders, shapes data, train on CPU, sample"),
     "bench": ("sd3.bench", "benchmarks: model | index | loader | pipeline | learn"),
 }

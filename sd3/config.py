@@ -28,7 +28,27 @@ class ModelConfig:
     num_heads: int = 19
     hidden_scale: float = 4.0  # MLP hidden width = dim * hidden_scale
     mlp_type: Literal["swiglu", "gelu"] = "swiglu"
-    positional_encoding: Literal["RoPE2d", "absolute", "NoPE"] = "RoPE2d"
+    # RoPE2d: 2D rotary on image q/k (the trained source models); RoPE: 1D rotary over the raster order; RoPE2dV2: the
+    # source's 3-D rotations of channel triples (SEED_SPEC §b); absolute: fixed sin-cos added to the patches; NoPE.
+    positional_encoding: Literal["RoPE2d", "RoPE", "RoPE2dV2", "absolute", "NoPE"] = "RoPE2d"
+    # softmax: QK-RMSNorm + softmax attention; cosine: the source's linear attention with L2-normalised q/k and a
+    # learnable per-head length exponent, out = q̂(k̂ᵀv) / L^sigmoid(a) (SEED_SPEC §a).
+    attention: Literal["softmax", "cosine"] = "softmax"
+    # Average keys and values over adjacent token pairs of each stream before attention: half the key length (§c).
+    kv_merge_attn: bool = False
+    # Queries and keys at half the width (D/2); values and outputs stay at D (§d).
+    qk_half_dim: bool = False
+    # A text head (Linear(D, context_dim)) regressing the encoder embeddings; the last block keeps its text path.
+    # Set it with train.text_loss_weight > 0 (§e); it is part of the architecture, so checkpoints record it here.
+    text_loss: bool = False
+    # Options that reproduce the source's checkpoints (`sd3 import-seed`, SEED_SPEC §g); defaults are ours.
+    # time_embedding "seed": a dim-wide sinusoid [sin(even), cos(odd)] and a Linear without bias.
+    time_embedding: Literal["sd3", "seed"] = "sd3"
+    # head_modulation "seed": the final norm's shift/scale come straight from y (no SiLU(Linear) before them).
+    head_modulation: Literal["sd3", "seed"] = "sd3"
+    # False: RoPE2d positions ignore max_res / max_res_orig, as the source's RoPE2d did (its interpolate_factor
+    # only reached 1D RoPE and RoPE2dV2).
+    rope_interpolate: bool = True
     # Text context: `text_tokens` tokens per encoder part, parts in order [Gemma, ModernBERT].
     # `text_dims` are each part's real feature width; the context tensor is zero-padded to max(text_dims).
     text_tokens: int = 77
@@ -82,6 +102,9 @@ class EncodersConfig:
     # torch CPU threads set by the Conditioner when it runs on cpu; 0 = torch's default. On a shared CPU one thread
     # per process avoids OpenMP threads spinning against each other (`sd3 bench loader`: 426 vs 15 images/s).
     cpu_threads: int = 0
+    # Latent normalisation: diffusers' (z - shift)·scale, or the source's z·scale + shift (a converted source
+    # checkpoint was trained on the latter, SEED_SPEC §g item 5).
+    latent_norm: Literal["diffusers", "seed"] = "diffusers"
 
 
 @dataclass
@@ -156,6 +179,8 @@ class TrainConfig:
     deterministic: bool = False
     compile: bool = False
     num_threads: int = 0  # CPU threads of a model rank (torch.set_num_threads); 0 = torch's default
+    # Weight of the masked text-embedding regression (SEED_SPEC §e); > 0 needs model.text_loss = true.
+    text_loss_weight: float = 0.0
     record_rows: bool = False  # each model rank appends the row ids it trains on to <save_dir>/rows/rank<R>.txt (audit)
 
 

@@ -66,7 +66,7 @@ def test_unknown_preset_is_named():
     [
         ("--topology.mode=ring", "'topology.mode' is 'ring', not one of loader, colocated, cached"),
         ("--train.precision=fp13", "'train.precision' is 'fp13', not one of auto, bf16, fp16, fp32"),
-        ("--model.positional_encoding=RoPE2dV2", "'model.positional_encoding' is 'RoPE2dV2', not one of RoPE2d"),
+        ("--model.positional_encoding=RoPE3d", "'model.positional_encoding' is 'RoPE3d', not one of RoPE2d"),
         ("--train.total_steps=-5", "'train.total_steps' is -5, expected >= 1"),
         ("--data.batch_size=0", "'data.batch_size' is 0, expected >= 1"),
         ("--train.null_prob_bert=1.5", r"'train.null_prob_bert' is 1.5, expected in \[0, 1\]"),

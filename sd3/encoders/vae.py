@@ -14,19 +14,22 @@ from sd3.devices import resolve_device
 from sd3.encoders.hub import EncoderLoadError, load_pretrained, resolve_dtype
 
 
-def normalize(z: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
-    return (z - shift) * scale
+def normalize(z: torch.Tensor, shift: float, scale: float, mode: str = "diffusers") -> torch.Tensor:
+    """`encoders.latent_norm`: diffusers' (z - shift)·scale, or the source's z·scale + shift ("seed", which a
+    checkpoint converted by `sd3 import-seed` was trained on)."""
+    return z * scale + shift if mode == "seed" else (z - shift) * scale
 
 
-def denormalize(latents: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
-    return latents / scale + shift
+def denormalize(latents: torch.Tensor, shift: float, scale: float, mode: str = "diffusers") -> torch.Tensor:
+    return (latents - shift) / scale if mode == "seed" else latents / scale + shift
 
 
 class LatentVAE:
     """A frozen AutoencoderKL on `device` in `dtype`. Images are (B, 3, H, W) in [-1, 1]; latents (B, C, H/8, W/8)."""
 
-    def __init__(self, vae: AutoencoderKL, device: torch.device) -> None:
+    def __init__(self, vae: AutoencoderKL, device: torch.device, latent_norm: str = "diffusers") -> None:
         self.vae = vae
+        self.latent_norm = latent_norm
         self.device = device
         self.dtype = vae.dtype
         self.scale = float(vae.config.scaling_factor)
@@ -36,7 +39,7 @@ class LatentVAE:
 
     @classmethod
     def load(cls, path: str, subfolder: str = "vae", device: torch.device | str = "auto", dtype: str = "bf16",
-             with_decoder: bool = True) -> LatentVAE:
+             with_decoder: bool = True, latent_norm: str = "diffusers") -> LatentVAE:
         device = resolve_device(device)
         vae = load_pretrained(AutoencoderKL.from_pretrained, "encoders.vae", path,
                               subfolder=subfolder or None, torch_dtype=resolve_dtype(dtype))
@@ -45,7 +48,7 @@ class LatentVAE:
             vae.decoder = None
             vae.post_quant_conv = None
         vae.requires_grad_(False)
-        return cls(vae.eval().to(device), device)
+        return cls(vae.eval().to(device), device, latent_norm)
 
     @property
     def has_decoder(self) -> bool:
@@ -56,12 +59,12 @@ class LatentVAE:
         """images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8), float32."""
         x = images.to(device=self.device, dtype=self.dtype)
         z = self.vae.encode(x).latent_dist.sample(generator=generator)  # (B, C, H/8, W/8)
-        return normalize(z.float(), self.shift, self.scale)
+        return normalize(z.float(), self.shift, self.scale, self.latent_norm)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """normalised latents (B, C, h, w) -> images (B, 3, 8h, 8w), float32, nominally in [-1, 1] (not clamped)."""
         if not self.has_decoder:
             raise EncoderLoadError("this VAE was loaded with with_decoder=False (a loader rank's); it cannot decode")
-        z = denormalize(latents.to(self.device).float(), self.shift, self.scale)
+        z = denormalize(latents.to(self.device).float(), self.shift, self.scale, self.latent_norm)
         return self.vae.decode(z.to(self.dtype)).sample.float()  # (B, 3, 8h, 8w)

@@ -34,6 +34,30 @@ class TimestepEmbedding(nn.Module):
         return self.proj(emb.to(self.proj.weight.dtype))  # (B, D)
 
 
+class SeedTimestepEmbedding(nn.Module):
+    """The source's time embedding (`model.time_embedding = "seed"`, SEED_SPEC §g item 1): a D-wide sinusoid of
+    t·s with angles a_k = t·s / 10000^(2k/D), k < D, laid out [sin(a_0, a_2, ...), cos(a_1, a_3, ...)], then a
+    Linear(D, D) without bias. Its lowest frequency is 10000^-2; kept only so converted checkpoints are exact."""
+
+    def __init__(self, dim: int, init_scale: float = 1000.0, max_period: float = 10000.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"the seed time embedding needs an even model dim, got {dim}")
+        freqs = max_period ** (-2 * torch.arange(dim, dtype=torch.float64) / dim)  # (D,): fp64 so 1e-8 is exact
+        self.register_buffer("freqs", freqs.float(), persistent=False)
+        self.time_scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = (t.float() * self.time_scale.float())[:, None] * self.freqs[None]  # (B, D), fp32 as above
+        emb = torch.cat([torch.sin(angles[:, 0::2]), torch.cos(angles[:, 1::2])], dim=-1)  # (B, D)
+        return self.proj(emb.to(self.proj.weight.dtype))  # (B, D)
+
+
+def make_time_embedding(kind: str, dim: int) -> nn.Module:
+    return SeedTimestepEmbedding(dim) if kind == "seed" else TimestepEmbedding(dim)
+
+
 class TextPartEmbedding(nn.Module):
     """One text encoder's tokens -> model width: RMSNorm, a learnable scalar (model.text_scale_init), a projection.
 

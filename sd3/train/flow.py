@@ -151,3 +151,56 @@ def training_loss(model: VelocityModel, batch: Batch, generator: torch.Generator
     )  # (B, 2T, D), (B, P)
     t, noise = draw_path(x0, generator, tc.timestep_mean, tc.timestep_std)  # (B,), (B, C, h, w)
     return velocity_loss(model, x0, t, noise, context, pooled)
+# ---------------------------------------------------------------------------------------------- text loss (§e)
+# The source's "NSP" text loss (SEED_SPEC §e) is a masked-token regression on the text-encoder embeddings: a text
+# head on the last block's text stream predicts the context, and the loss is taken on the tokens that were hidden
+# from the model.
+
+
+def text_loss_mask(
+    kept: torch.Tensor, text_tokens: int, generator: torch.Generator, p: float = 0.25
+) -> torch.Tensor:
+    """Which text tokens to hide and regress: (B, 2T) bool.
+
+    kept (B, 2) bool: whether the sample's Gemma / BERT part survived CFG dropout (False = dropped to zeros).
+    Each token is picked with probability p, and only in parts that were kept.
+
+    Reading: the source ANDs the pick with the *dropped* flag, so it regresses only tokens of parts that are
+    already all zeros, while its own comment says masked (dropped) text should get no loss. We implement the
+    comment's intent — hide tokens of the caption the model was given and predict them from the rest, the
+    masked-token regression the name describes; with the source's reading the mask changes no input, and the
+    47% of samples that keep both parts (0.684²) get no text loss at all.
+    Exactly B·2T uniforms are drawn whatever `kept` holds, so the generator stream replays on resume.
+    """
+    b = kept.shape[0]
+    if kept.shape != (b, 2):
+        raise ValueError(f"text_loss_mask: kept must be (B, 2) [gemma, bert], got {tuple(kept.shape)}")
+    picked = torch.rand(b, 2 * text_tokens, generator=generator, device=generator.device).to(kept.device) < p
+    part = (torch.arange(2 * text_tokens, device=kept.device) >= text_tokens).long()  # (2T,) 0 = Gemma, 1 = BERT
+    return picked & kept[:, part]  # (B, 2T)
+
+
+def kept_parts(context: torch.Tensor, text_tokens: int) -> torch.Tensor:
+    """(B, 2) bool: whether each text part of `context` (B, 2T, D) is non-zero, i.e. survived cfg_dropout,
+    which zeroes a dropped part exactly (a real encoder output is never all zeros)."""
+    b = context.shape[0]
+    return context.view(b, 2, text_tokens, -1).ne(0).flatten(2).any(dim=-1)  # (B, 2)
+
+
+def hide_text(context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The model's input: `context` (B, 2T, D) with the masked tokens (B, 2T) set to zero (a new tensor)."""
+    return torch.where(mask[:, :, None], torch.zeros((), dtype=context.dtype, device=context.device), context)
+
+
+def text_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean over all B·2T·D elements of (pred − target)²·mask, in fp32; target = the context before hiding.
+
+    Divided by the element count, not the masked count, as the source does, so a `text_loss_weight` tuned there
+    means the same here. An empty batch gives a zero loss connected to `pred` (see flow_loss).
+    """
+    if pred.shape != target.shape or mask.shape != pred.shape[:2]:
+        raise ValueError(f"text_loss: pred {tuple(pred.shape)}, target {tuple(target.shape)} and mask "
+                         f"{tuple(mask.shape)} must be (B, 2T, D), (B, 2T, D), (B, 2T)")
+    if pred.numel() == 0:
+        return pred.float().sum() * 0.0
+    return ((pred.float() - target.float()).square() * mask[:, :, None]).mean()

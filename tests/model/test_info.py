@@ -57,3 +57,33 @@ def test_info_bad_resolution_is_one_line(capsys):
     assert main(["info", "--config", "tiny-cpu", "--height", "70"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == ["sd3 info: error: height 70 px is not a multiple of 16 px"]
+
+
+SWITCH_OVERRIDES = [
+    "--model.attention=cosine", "--model.positional_encoding=RoPE", "--model.positional_encoding=RoPE2dV2",
+    "--model.kv_merge_attn=true", "--model.qk_half_dim=true", "--model.text_loss=true",
+    "--model.time_embedding=seed", "--model.head_modulation=seed", "--model.rope_interpolate=false",
+]
+
+
+@pytest.mark.parametrize("override", SWITCH_OVERRIDES)
+def test_info_runs_with_each_switch(capsys, override):
+    assert main(["info", "--config", "tiny-cpu", override, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    key, value = override[2:].split("=")
+    assert str(info["resolved_config"]["model"][key.split(".")[1]]).lower() == value.lower()
+    cfg = load_config("tiny-cpu", [override]).model
+    assert info["parameters"] == count_parameters(build_model(cfg))
+
+
+def test_info_names_a_bad_choice(capsys):
+    assert main(["info", "--config", "tiny-cpu", "--model.attention=linear"]) == 2
+    assert "config key 'model.attention' is 'linear', not one of softmax, cosine" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", SWITCH_OVERRIDES)
+def test_flops_weight_count_matches_with_each_switch(override):
+    cfg = load_config("tiny-cpu", [override]).model
+    model = build_model(cfg)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    assert matmul_weights(cfg).total == weights
