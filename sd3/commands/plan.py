@@ -18,9 +18,9 @@ import torch
 
 from sd3.config import ConfigError, load_config
 from sd3.devices import resolve_dtype
-from sd3.plan.encoders import PARTS
+from sd3.plan.encoders import PARTS, text_config
 from sd3.plan.measure import measure_mmdit, measure_part
-from sd3.plan.planner import CLIP_TOKENS, Plan, count_costs, make_plan, plan_summary
+from sd3.plan.planner import Plan, count_costs, make_plan, plan_summary
 from sd3.plan.settings import PlanSettings, apply_plan_overrides
 
 
@@ -45,7 +45,9 @@ def measure_achieved(cfg, args: argparse.Namespace) -> tuple[dict[str, float], s
     res = args.measure_res or (256 if gpu else 64)
     batch = args.measure_batch or (8 if gpu else 2)
     text_dtype, vae_dtype = resolve_dtype(cfg.encoders.text_dtype), resolve_dtype(cfg.encoders.vae_dtype)
-    tokens = {"gemma": cfg.model.text_tokens, "bert": cfg.model.text_tokens, "clip": CLIP_TOKENS}
+    # The real architectures are timed (their achieved FLOP/s is what scales), at the configured token count.
+    clip_tokens = text_config("clip").max_position_embeddings
+    tokens = {"gemma": cfg.model.text_tokens, "bert": cfg.model.text_tokens, "clip": clip_tokens}
     achieved = {}
     for part in PARTS:
         dtype = vae_dtype if part == "vae" else text_dtype
@@ -62,12 +64,12 @@ def print_plan(name: str, plan: Plan, settings: PlanSettings, how: str) -> None:
     print(f"sd3 plan {name}: {plan.height}x{plan.width} px, batch {plan.batch} per model rank, {how}")
     print(f"{'part':<22}{'GFLOP/image':>13}{'TFLOP/s':>10}{'ms/image':>10}")
     for p in plan.parts:
-        print(f"{'loader ' + p.name:<22}{p.flops_per_image / 1e9:>13.1f}{p.flops_per_s / 1e12:>10.1f}"
+        print(f"{'loader ' + p.name:<22}{p.flops_per_image / 1e9:>13.1f}{p.flops_per_s / 1e12:>10.3f}"
               f"{1e3 * p.seconds_per_image:>10.3f}")
     print(f"{'loader total':<22}{sum(p.flops_per_image for p in plan.parts) / 1e9:>13.1f}{'':>10}"
           f"{1e3 * plan.loader_s_per_image:>10.3f}")
     print(f"{'mmdit fwd+bwd':<22}{plan.mmdit.model / 1e9:>13.1f}{'':>10}{'':>10}  (model FLOPs, as MFU counts them)")
-    print(f"{'mmdit executed':<22}{plan.mmdit.executed / 1e9:>13.1f}{plan.mmdit_flops_per_s / 1e12:>10.1f}"
+    print(f"{'mmdit executed':<22}{plan.mmdit.executed / 1e9:>13.1f}{plan.mmdit_flops_per_s / 1e12:>10.3f}"
           f"{1e3 * plan.model_s_per_image:>10.3f}  (with the recompute of activation checkpointing)")
     print(f"loader:model work per image = {plan.loader_s_per_image / plan.model_s_per_image:.3f}")
     print()
@@ -79,8 +81,9 @@ def print_plan(name: str, plan: Plan, settings: PlanSettings, how: str) -> None:
         rows.insert(0, plan.configured)
     for p in rows:
         mark = ("*" if p.layout == plan.configured.layout else " ") + (">" if p is plan.recommended else " ")
+        note = "  (reference: every GPU encodes its own batch)" if p.layout.colocated_gpus else ""
         print(f"{mark}{p.layout.name:<22}{p.loader_step_s:>14.3f}{p.model_step_s:>14.3f}{p.stall_pct:>9.1f}"
-              f"{p.loader_idle_pct:>15.1f}{p.images_per_s_per_gpu:>11.2f}")
+              f"{p.loader_idle_pct:>15.1f}{p.images_per_s_per_gpu:>11.2f}{note}")
     print(f"  (* configured, > recommended: the most img/s/GPU at stall <= {settings.max_stall_pct:g} %; "
           f"select it with {' '.join(plan.recommended.layout.overrides())})")
 

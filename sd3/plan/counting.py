@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils import flop_counter
@@ -107,9 +108,11 @@ def _count_mmdit(cfg: ModelConfig, height: int, width: int, batch: int, checkpoi
     return count(step)
 
 
-def part_flops(part: str, tokens: int, height: int, width: int, layers: int | None = None) -> float:
-    """FLOPs per image of one loader part (forward only, inference): text at `tokens`, the VAE at height×width."""
-    model = build_part(part, "meta", layers=layers)
+def part_flops(part: str, tokens: int, height: int, width: int, layers: int | None = None,
+               folder: Path | None = None) -> float:
+    """FLOPs per image of one loader part (forward only, inference): text at `tokens`, the VAE at height×width.
+    folder: a local model folder to read the architecture from (None: the shipped configuration)."""
+    model = build_part(part, "meta", layers=layers, folder=folder)
 
     def forward() -> None:
         with torch.inference_mode():

@@ -2,7 +2,9 @@
 
 Each JSON file records the hub id and file its values came from, the library class that reads them, and the values
 themselves, so `sd3 plan` and `sd3 bench gpu` build the real architectures offline with random weights (or on the
-meta device, with no weights at all). `layers` builds a reduced-depth copy of the same width, for timing on a CPU.
+meta device, with no weights at all). A configured local folder (the tiny models, a downloaded copy) is read
+instead of the shipped file, so a plan of `tiny-cpu` counts the tiny models. `layers` builds a reduced-depth
+copy of the same width, for timing on a CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from transformers import (
     ModernBertModel,
     PretrainedConfig,
 )
+
+from sd3.config import ConfigError, EncodersConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TEXT_PARTS = ("gemma", "bert", "clip")
@@ -60,22 +64,48 @@ def load_spec(part: str) -> PartSpec:
     return PartSpec(raw["part"], raw["hub_id"], raw["file"], raw["class"], raw["config"])
 
 
-def text_config(part: str, layers: int | None = None) -> PretrainedConfig:
-    """The library config of a text part; `layers` overrides num_hidden_layers (None: the real depth)."""
+def local_folder(part: str, encoders: EncodersConfig | None) -> Path | None:
+    """The configured local folder of `part` (None: use the shipped file).
+
+    A hub id other than the shipped one is an error: its architecture is not known offline.
+    """
+    if encoders is None:
+        return None
+    path = getattr(encoders, part)
+    folder = Path(path) / (encoders.vae_subfolder if part == "vae" else "")
+    if (folder / "config.json").is_file():
+        return folder
+    spec = load_spec(part)
+    if path != spec.hub_id:
+        raise ConfigError(f"encoders.{part}: '{path}' is neither a local model folder nor {spec.hub_id}, whose "
+                          f"configuration ships in sd3/plan/configs/{FILES[part]} (tiny models: `sd3 make-tiny`)")
+    return None
+
+
+def text_config(part: str, layers: int | None = None, folder: Path | None = None) -> PretrainedConfig:
+    """The library config of a text part (shipped, or read from a local `folder`); `layers` overrides
+    num_hidden_layers (None: the real depth)."""
     config_class, _ = TEXT_CLASSES[part]
-    values = dict(load_spec(part).values)
+    if folder is not None:
+        config = config_class.from_pretrained(folder)
+    else:
+        config = config_class(**load_spec(part).values)
     if layers is not None:
-        values["num_hidden_layers"] = layers
-    config = config_class(**values)
+        config.num_hidden_layers = layers
     if part == "gemma":
         # As TextEncoders.load: transformers 5 runs Gemma-2 with eager attention (soft-capping is not in SDPA).
         config._attn_implementation = "eager"
     return config
 
 
-def vae_kwargs(layers: int | None = None) -> dict[str, Any]:
-    """AutoencoderKL keyword arguments of the FLUX.1 VAE; `layers` overrides layers_per_block."""
-    values = dict(load_spec("vae").values)
+def vae_kwargs(layers: int | None = None, folder: Path | None = None) -> dict[str, Any]:
+    """AutoencoderKL keyword arguments of the FLUX.1 VAE (or of a local `folder`); `layers` overrides
+    layers_per_block."""
+    if folder is not None:
+        raw = json.loads((folder / "config.json").read_text())
+        values = {k: v for k, v in raw.items() if not k.startswith("_")}  # diffusers' bookkeeping keys
+    else:
+        values = dict(load_spec("vae").values)
     if layers is not None:
         values["layers_per_block"] = layers
     return values
@@ -93,7 +123,7 @@ def default_dtype(dtype: torch.dtype):
 
 
 def build_part(part: str, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32,
-               layers: int | None = None) -> nn.Module:
+               layers: int | None = None, folder: Path | None = None) -> nn.Module:
     """The frozen module a loader runs for `part` (random weights; none at all on the meta device), in eval mode.
 
     The VAE is only its encoder half (diffusers' AutoencoderKL, imported here because only the VAE needs diffusers:
@@ -103,12 +133,12 @@ def build_part(part: str, device: torch.device | str = "meta", dtype: torch.dtyp
         if part == "vae":
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL(**vae_kwargs(layers))
+            vae = AutoencoderKL(**vae_kwargs(layers, folder))
             vae.decoder = None  # loaders never decode (sd3/encoders/vae.py drops it too)
             vae.post_quant_conv = None
             model: nn.Module = vae
         else:
-            model = TEXT_CLASSES[part][1](text_config(part, layers))
+            model = TEXT_CLASSES[part][1](text_config(part, layers, folder))
     model.requires_grad_(False)
     return model.eval()
 

@@ -10,11 +10,9 @@ from dataclasses import dataclass, field
 
 from sd3.config import Config
 from sd3.plan.counting import MMDiTFlops, mmdit_flops, part_flops
-from sd3.plan.encoders import PARTS
+from sd3.plan.encoders import PARTS, local_folder, text_config
 from sd3.plan.layout import Prediction, candidate_layouts, configured_layout, predict, recommend
 from sd3.plan.settings import PlanSettings
-
-CLIP_TOKENS = 77  # Meta-CLIP reads its own 77-token window whatever model.text_tokens is (sd3/encoders/text.py)
 
 
 @dataclass(frozen=True)
@@ -51,9 +49,15 @@ class Plan:
 
 
 def count_costs(cfg: Config, height: int, width: int) -> tuple[dict[str, float], MMDiTFlops]:
-    """FLOPs per image of each loader part and of the MMDiT at height×width px."""
-    tokens = {"gemma": cfg.model.text_tokens, "bert": cfg.model.text_tokens, "clip": CLIP_TOKENS}
-    loader = {p: part_flops(p, tokens.get(p, 0), height, width) for p in PARTS}
+    """FLOPs per image of each loader part and of the MMDiT at height×width px. CLIP reads its own window
+    (max_position_embeddings: 77 for Meta-CLIP) whatever model.text_tokens is, as sd3/encoders/text.py does."""
+    loader = {}
+    for part in PARTS:
+        folder = local_folder(part, cfg.encoders)
+        tokens = cfg.model.text_tokens
+        if part == "clip":
+            tokens = text_config("clip", folder=folder).max_position_embeddings
+        loader[part] = part_flops(part, tokens, height, width, folder=folder)
     return loader, mmdit_flops(cfg.model, height, width)
 
 
