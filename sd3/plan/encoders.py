@@ -88,10 +88,17 @@ def text_config(part: str, layers: int | None = None, folder: Path | None = None
     config_class, _ = TEXT_CLASSES[part]
     if folder is not None:
         config = config_class.from_pretrained(folder)
+        if layers is None:
+            values = None
+        else:
+            values = config.to_dict()
     else:
-        config = config_class(**load_spec(part).values)
-    if layers is not None:
-        config.num_hidden_layers = layers
+        values = dict(load_spec(part).values)
+    if values is not None:
+        if layers is not None:
+            values["num_hidden_layers"] = layers
+            values.pop("layer_types", None)  # Gemma-2 derives its per-layer attention types from the depth
+        config = config_class(**values)
     if part == "gemma":
         # As TextEncoders.load: transformers 5 runs Gemma-2 with eager attention (soft-capping is not in SDPA).
         config._attn_implementation = "eager"
