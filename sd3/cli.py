@@ -19,6 +19,7 @@ from sd3.errors import user_error_line
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("sd3.commands.info", "parameter count, training FLOPs per image and the resolved config"),
+    "plan": ("sd3.commands.plan", "loader:model balance before a launch: FLOPs per part, stall per layout"),
     "make-dataset": ("sd3.commands.make_dataset", "raw shards of synthetic data (shapes) to try everything offline"),
     "import-folder": ("sd3.commands.import_folder", "turn an image folder + metadata.csv/json/jsonl into raw shards"),
     "create-phase": ("sd3.commands.create_phase", "resize raw shards into bucketed shards (sides multiples of 16)"),

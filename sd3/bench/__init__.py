@@ -18,6 +18,8 @@ BENCHMARKS = {
     "loader": "images/s through a loader rank and its time split (decode / each text encoder / VAE)",
     "pipeline": "the 3-process CPU job: images/s per model rank, stall %, transport vs a bare gloo send",
     "learn": "does the tiny model learn the shapes data: true vs shuffled caption loss, colour accuracy",
+    "balance": "loader-bound CPU job: planner's predicted stall vs the measured stall of the real torchrun job",
+    "gpu": "CUDA: MMDiT fwd+bwd time and MFU, real-size encoders' images/s, peak memory, loader:model ratio",
 }
 
 

@@ -1,0 +1,199 @@
+"""`sd3 bench balance`: does the planner predict the stall of a real loader-bound job? (CPU, issue 12)
+
+The job: real-width, reduced-depth encoders (Gemma-2-2B, ModernBERT-large and Meta-CLIP text at their published
+widths with 1 layer each, the FLUX VAE at its widths with 1 layer per block; random weights, written once with
+save_pretrained and loaded through the normal from_pretrained path) and a small MMDiT, so one loader cannot keep
+up with its model rank. Per variant:
+1. loader alone: the real BatchProducer (shards -> decode -> encoders) of one loader, seconds per step;
+2. model alone: the real Trainer's train_step() on a replayed encoded batch, seconds per step;
+3. predicted stall: sd3.plan.layout.predict() of the 1 loader : 1 model layout from those two step times;
+4. measured stall: the real 2-process torchrun job (`sd3 train`, 1 loader + 1 model rank, one core each, so the
+   two measurements above are what each process gets) — the mean stall_pct of its metrics.jsonl windows after
+   the first.
+Prints predicted vs measured per variant; the goal is that they differ by <= 5 points.
+
+VARIANTS maps a name to config overrides. The cheaper-loader variants of issue "make the loader cheaper" (trimmed
+text, VAE micro-batches, hybrid) are one entry each here once their settings exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS: dict[str, list[str]] = {
+    "base": [],
+}
+THREADS = 1  # per process: 1 loader + 1 model rank on the 2 cores
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny-cpu", help="preset the job starts from (default tiny-cpu)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=24, help="training steps of the torchrun job")
+    parser.add_argument("--timing-steps", type=int, default=6, help="steps timed alone (after 2 warm-up steps)")
+    parser.add_argument("--batch", type=int, default=4, help="images per model rank")
+    parser.add_argument("--model-dim", type=int, default=256, help="MMDiT width (the loader must be slower)")
+    parser.add_argument("--model-blocks", type=int, default=4, help="MMDiT blocks")
+    parser.add_argument("--workdir", default="data/bench-balance", help="models + shapes data (made if missing)")
+
+
+def write_encoders(root: Path) -> None:
+    """Real-width, 1-layer encoders with the tiny tokenizers (vocabularies cut to them: lookups cost no FLOPs)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection, Gemma2Model, ModernBertModel
+
+    from sd3.encoders.tiny import bert_tokenizer, clip_tokenizer, gemma_tokenizer
+    from sd3.plan.encoders import text_config, vae_kwargs
+
+    torch.manual_seed(0)
+    for part, model_class, make_tok in (("gemma", Gemma2Model, gemma_tokenizer),
+                                        ("bert", ModernBertModel, bert_tokenizer),
+                                        ("clip", CLIPTextModelWithProjection, clip_tokenizer)):
+        tok = make_tok()
+        config = text_config(part, layers=1)
+        config.vocab_size = len(tok)
+        config.pad_token_id, config.bos_token_id = tok.pad_token_id, tok.bos_token_id
+        config.eos_token_id = tok.eos_token_id
+        if part == "bert":
+            config.cls_token_id, config.sep_token_id = tok.cls_token_id, tok.sep_token_id
+        model_class(config).save_pretrained(root / part)
+        tok.save_pretrained(root / part)
+    AutoencoderKL(**vae_kwargs(layers=1)).save_pretrained(root / "flux" / "vae")
+    (root / "complete").write_text("written by sd3 bench balance\n")
+
+
+def prepare(workdir: Path, args: argparse.Namespace) -> list[str]:
+    from sd3.data.synthetic import prepare_shapes
+
+    models = workdir / "models"
+    if not (models / "complete").exists():
+        print(f"bench balance: writing real-width 1-layer encoders -> {models}", flush=True)
+        write_encoders(models)
+    data = prepare_shapes(workdir / "shapes", 400, max_res=64,
+                          log=lambda stage, status: print(f"bench balance: {stage} {status}", flush=True))
+    return [
+        f"--encoders.gemma={models / 'gemma'}", f"--encoders.bert={models / 'bert'}",
+        f"--encoders.clip={models / 'clip'}", f"--encoders.vae={models / 'flux'}", "--encoders.vae_subfolder=vae",
+        "--model.text_dims=[2304, 1024]", "--model.pooled_dim=768",
+        f"--model.dim={args.model_dim}", f"--model.num_blocks={args.model_blocks}", "--model.num_heads=4",
+        f"--data.parquet_folder={data.phase}", f"--data.bucket_indices_path={data.index}",
+        f"--data.batch_size={args.batch}", "--data.decode_threads=1",
+        "--topology.mode=loader", "--topology.backend=gloo", "--topology.loaders_per_node=1",
+        "--topology.models_per_loader=1", f"--encoders.cpu_threads={THREADS}", f"--train.num_threads={THREADS}",
+        "--train.accumulation_steps=1", "--train.wandb_mode=disabled", "--train.save_every=100000",
+        "--train.ema_update_every=100000",
+    ]
+
+
+def loader_step_s(cfg, steps: int) -> float:
+    """Seconds per step of one loader's BatchProducer on this process (one thread)."""
+    from sd3.encoders.producer import BatchProducer
+
+    producer = BatchProducer(cfg, cfg.data.batch_size, 0, 1, "cpu")
+    try:
+        for step in range(2):
+            producer(step)
+        start = time.perf_counter()
+        for step in range(2, 2 + steps):
+            producer(step)
+        return (time.perf_counter() - start) / steps
+    finally:
+        producer.close()
+
+
+class ReplaySource:
+    """One encoded batch handed out again and again: the Trainer's step without any loader behind it."""
+
+    num_loaders = 1
+    counts_rows = True
+
+    def __init__(self, batch) -> None:
+        from sd3.train.sources import SourceStats
+
+        self.batch, self.stats = batch, SourceStats(step=0)
+
+    def next(self):
+        return self.batch, self.stats
+
+    def stop(self, step: int) -> None:
+        pass
+
+    def fail(self, message: str) -> None:
+        pass
+
+
+def model_step_s(cfg, steps: int) -> float:
+    """Seconds per optimizer step of the real Trainer on one thread, fed a replayed batch of the job's shape."""
+    from sd3.encoders.producer import BatchProducer
+    from sd3.train.trainer import ModelRanks, Trainer
+
+    producer = BatchProducer(cfg, cfg.data.batch_size, 0, 1, "cpu")
+    try:
+        batch, _, _ = producer(0)
+    finally:
+        producer.close()
+    trainer = Trainer(cfg, ModelRanks(torch.device("cpu")), ReplaySource(batch))
+    for _ in range(2):
+        trainer.train_step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    elapsed = (time.perf_counter() - start) / steps
+    trainer.log.close()
+    return elapsed
+
+
+def measured_stall(config: str, overrides: list[str], steps: int) -> tuple[float, int]:
+    """Mean stall_pct over the log windows after the first, of the real 2-process job; (stall, windows)."""
+    from sd3.distributed.topology import free_port
+
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}",
+               "-m", "sd3", "train", "--config", config, *overrides, f"--train.save_dir={out}",
+               f"--train.total_steps={steps}", "--train.log_every=4"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
+        if done.returncode:
+            raise RuntimeError(f"the 2-process job failed (exit code {done.returncode})")
+        windows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    later = [w["stall_pct"] for w in windows[1:]]
+    return sum(later) / len(later), len(later)
+
+
+def main(args: argparse.Namespace) -> int:
+    from sd3.bench import print_result
+    from sd3.config_loader import load_config
+    from sd3.errors import ConfigError
+    from sd3.plan.layout import Layout, predict
+
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    base = prepare(Path(args.workdir), args) + list(args.overrides)
+    torch.set_num_threads(THREADS)
+    figures: dict[str, float | int] = {}
+    for name in names:
+        overrides = base + VARIANTS[name]
+        cfg = load_config(args.config, overrides)
+        loader_s, model_s = loader_step_s(cfg, args.timing_steps), model_step_s(cfg, args.timing_steps)
+        b = cfg.data.batch_size
+        predicted = predict(Layout((1,)), b, loader_s / b, model_s / b).stall_pct
+        measured, windows = measured_stall(args.config, overrides, args.steps)
+        print(f"bench balance [{name}]: loader {loader_s:.3f} s/step, model {model_s:.3f} s/step -> predicted stall "
+              f"{predicted:.1f} %, measured {measured:.1f} % ({windows} windows)", flush=True)
+        figures.update({f"loader_step_s_{name}": loader_s, f"model_step_s_{name}": model_s,
+                        f"predicted_stall_pct_{name}": predicted, f"measured_stall_pct_{name}": measured,
+                        f"stall_error_points_{name}": abs(predicted - measured)})
+    print_result(figures)
+    return 0

@@ -1,0 +1,75 @@
+"""The planner's assumptions, as a typed dataclass with documented defaults; `--plan.key=value` overrides them.
+
+A part's time is its counted FLOPs / (peak bf16 FLOP/s × its efficiency). The defaults are round figures for a
+modern GPU at the presets' batch sizes: matrix products of a 1.2B transformer at large batch reach ~40 % of peak;
+the text encoders run short sequences (77 tokens) in inference, a little less; the VAE's convolutions at full
+resolution with GroupNorm between them run well below that (issue 12's 25 %). `sd3 plan --measure` replaces them
+with what this machine achieves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+
+from sd3.errors import ConfigError
+from sd3.train.metrics import PEAK_BF16_FLOPS
+
+# --gpu names -> the data-sheet keys of sd3/train/metrics.py (dense bf16 peaks).
+GPUS = {key.lower().replace(" ", ""): key for key in PEAK_BF16_FLOPS}
+
+
+@dataclass
+class PlanSettings:
+    """What `sd3 plan` assumes about the hardware (every field can be set with --plan.NAME=VALUE)."""
+
+    gpu: str = "h100"
+    """A GPU of sd3/train/metrics.py PEAK_BF16_FLOPS (h100, h200, a100, l40s, ...): its dense bf16 peak."""
+    gpus_per_node: int = 8
+    """GPUs per node; layouts are planned per node and repeated on every node."""
+    mmdit_efficiency: float = 0.40
+    """Fraction of peak the MMDiT forward+backward achieves on the FLOPs it executes (recompute included)."""
+    gemma_efficiency: float = 0.35
+    """Fraction of peak of Gemma-2-2B inference at 77 tokens."""
+    bert_efficiency: float = 0.35
+    """Fraction of peak of ModernBERT-large inference."""
+    clip_efficiency: float = 0.30
+    """Fraction of peak of the Meta-CLIP text tower (small matrices: 768 wide)."""
+    vae_efficiency: float = 0.25
+    """Fraction of peak of the FLUX VAE encoder's convolutions."""
+    max_stall_pct: float = 5.0
+    """The recommended layout is the fastest per GPU among those predicted to stall at most this much."""
+
+    def efficiency(self, part: str) -> float:
+        return getattr(self, f"{part}_efficiency")
+
+    @property
+    def peak_flops(self) -> float:
+        key = self.gpu.lower().replace(" ", "")
+        if key not in GPUS:
+            raise ConfigError(f"plan.gpu '{self.gpu}' is not a known GPU ({', '.join(sorted(GPUS))})")
+        return PEAK_BF16_FLOPS[GPUS[key]]
+
+
+def apply_plan_overrides(settings: PlanSettings, overrides: list[str]) -> list[str]:
+    """Apply the `--plan.key=value` items of `overrides` to `settings`; return the other items (config overrides)."""
+    rest = []
+    hints = typing.get_type_hints(PlanSettings)
+    names = {f.name for f in dataclasses.fields(PlanSettings)}
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if not text.startswith("plan."):
+            rest.append(item)
+            continue
+        key, _, raw = text[len("plan."):].partition("=")
+        if key not in names:
+            raise ConfigError(f"unknown plan setting 'plan.{key}' (settings: {', '.join(sorted(names))})")
+        try:
+            value = hints[key](raw)
+        except ValueError:
+            raise ConfigError(f"plan.{key} expects {hints[key].__name__}, got {raw!r}") from None
+        if isinstance(value, float) and key.endswith("_efficiency") and not 0 < value <= 1:
+            raise ConfigError(f"plan.{key} must be in (0, 1], got {value}")
+        setattr(settings, key, value)
+    return rest
