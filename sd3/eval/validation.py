@@ -71,12 +71,16 @@ class Validator:
         vc = cfg.validation
         if not vc.prompts:
             raise ValueError("validation.prompts is empty: name at least one prompt, or set validation.every=0")
-        conditioner = Conditioner(cfg, device)
+        threads = torch.get_num_threads()
+        conditioner = Conditioner(cfg, device)  # on a CPU it sets encoders.cpu_threads: a loader's, not this rank's
+        torch.set_num_threads(threads)
         with torch.inference_mode():
             context, pooled = conditioner.text.encode(list(vc.prompts))  # (P, 2T, D), (P, P_dim)
         self.context, self.pooled = context.float().clone(), pooled.float().clone()
         self.heldout = self._encode_heldout(conditioner) if vc.parquet_folder else []
         del conditioner  # the text encoders and the VAE encoder are done: only the decoder is needed from here
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the encoders' memory back before training allocates its activations
 
         self.t = loss_timesteps(vc.timesteps, cfg.train.timestep_mean, cfg.train.timestep_std)  # (K,)
         # One fixed noise draw per held-out batch, shared by all K timesteps (common random numbers: the buckets

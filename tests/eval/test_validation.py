@@ -88,13 +88,19 @@ def test_heldout_loss_is_fixed_across_validators_and_follows_the_weights(tiny_ch
         apply_override(cfg, item)
     loaded = load_checkpoint(tiny_checkpoint)
     model = Pipeline.from_checkpoint(tiny_checkpoint, device="cpu", dtype="fp32", use_ema=False).model
-    a, b = Validator(cfg, CPU), Validator(cfg, CPU)  # a resumed run builds its Validator anew
-    first = a.heldout_loss(model, contextlib.nullcontext)
-    assert b.heldout_loss(model, contextlib.nullcontext) == first  # same rows, same noise, same t: the same numbers
-
-    with torch.no_grad():
-        model.head.bias.add_(0.5)  # a different model scores differently
-    assert a.heldout_loss(model, contextlib.nullcontext)["val_loss"] != first["val_loss"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = Validator(cfg, CPU)
+        assert torch.get_num_threads() == 2  # not the loaders' encoders.cpu_threads (1 in tiny-cpu)
+        b = Validator(cfg, CPU)  # a resumed run builds its Validator anew
+        first = a.heldout_loss(model, contextlib.nullcontext)
+        assert b.heldout_loss(model, contextlib.nullcontext) == first  # same rows, noise and t: the same numbers
+        with torch.no_grad():
+            model.head.bias.add_(0.5)  # a different model scores differently
+        assert a.heldout_loss(model, contextlib.nullcontext)["val_loss"] != first["val_loss"]
+    finally:
+        torch.set_num_threads(before)
     assert loaded.meta["step"] == 4
 
 
