@@ -103,3 +103,14 @@ def test_push_to_hub_uploads_the_folder_with_the_env_token(tiny_checkpoint, tmp_
 def test_bad_input_exits_2(tmp_path, capsys):
     assert cli(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_from_pretrained_takes_a_hub_id_through_snapshot_download(exported, monkeypatch):
+    import sd3.sample.pretrained as pretrained
+
+    asked = []
+    monkeypatch.setattr(pretrained, "snapshot_download", lambda repo_id: asked.append(repo_id) or str(exported))
+    pipe = Pipeline.from_pretrained("me/tiny-sd3", device="cpu", dtype="fp32")
+    assert asked == ["me/tiny-sd3"] and pipe.dtype == torch.float32
+    with pytest.raises(FileNotFoundError, match="not an `sd3 export` folder"):
+        Pipeline.from_pretrained(exported.parent)  # a local folder that is not an export is not sent to the hub
