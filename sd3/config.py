@@ -199,6 +199,39 @@ class SampleConfig:
     use_ema: bool = True
 
 
+# Prompts of the validation grid when a preset names none: one per kind of scene a general model should draw.
+DEFAULT_VALIDATION_PROMPTS = [
+    "A photo of a red fox sitting in the snow.",
+    "A bowl of ramen on a wooden table, top view.",
+    "An oil painting of a lighthouse in a storm.",
+    "A city street at night in the rain, neon signs.",
+    "A portrait of an old man with a white beard.",
+    "A watercolor of mountains at sunrise.",
+    "A red sports car parked in front of a modern house.",
+    "A cute cartoon robot holding a flower.",
+]
+
+
+@dataclass
+class ValidationConfig:
+    """Validation during training (sd3/eval/validation.py): a grid of fixed prompts with the EMA weights, and the
+    loss on held-out rows at fixed timesteps with fixed noise, so curves compare across runs and resumes.
+
+    The grid uses [sample]'s sampler, num_steps, cfg_scale, width and height.
+    """
+
+    every: int = 5000  # optimizer steps between validations; 0 = off
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_VALIDATION_PROMPTS))
+    seed: int = 0  # image k of the grid starts from noise seeded seed + k; also seeds the held-out rows' noise
+    # Held-out phase shards (and their bucket index) the training sampler never draws: a folder of its own, so
+    # holding out changes nothing in the training stream. "" = no validation loss, only the grid.
+    parquet_folder: str = ""
+    bucket_indices_path: str = ""
+    rows: int = 64  # held-out rows, encoded once when training starts and kept
+    batch_size: int = 16  # held-out rows per forward
+    timesteps: int = 8  # the loss at this many quantiles of train's logit-normal t (one bucket each)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -207,6 +240,7 @@ class Config:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 from transformers import (
     CLIPConfig,
+    CLIPImageProcessor,
     CLIPModel,
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -130,6 +131,8 @@ def write_clip(out: Path) -> None:
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    # The image processor makes the folder a full CLIP (CLIPProcessor.from_pretrained), as `sd3 eval --clip` loads.
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
 
 
 def write_gemma(out: Path) -> None:

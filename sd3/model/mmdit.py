@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from sd3.config import ModelConfig
@@ -17,7 +18,7 @@ from sd3.model.layers import Modulation, PatchEmbedding, TextPartEmbedding, adap
 from sd3.model.rope import make_rope, sincos_2d
 
 
-class MMDiT(nn.Module):
+class MMDiT(nn.Module, PyTorchModelHubMixin, library_name="sd3"):
     """The SD3-style multimodal diffusion transformer.
 
     forward(x, t, context, pooled) -> velocity:
@@ -29,6 +30,8 @@ class MMDiT(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        # From the hub mixin's from_pretrained, cfg is the ModelConfig as config.json holds it: a dict.
+        cfg = ModelConfig(**cfg) if isinstance(cfg, dict) else cfg
         if cfg.dim % cfg.num_heads:
             raise ValueError(f"model.dim {cfg.dim} is not divisible by model.num_heads {cfg.num_heads}")
         if len(cfg.text_dims) != 2:

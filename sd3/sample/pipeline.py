@@ -148,6 +148,13 @@ class Pipeline:
         drop_vae_encoder(vae)
         return cls(model, cfg, text, vae, device, dtype, offload)
 
+    @classmethod
+    def from_pretrained(cls, folder_or_id: str | Path, **kwargs) -> Pipeline:
+        """An `sd3 export` folder or a hub repo id; kwargs as from_checkpoint's (sd3/sample/pretrained.py)."""
+        from sd3.sample.pretrained import load_pretrained  # it imports this module
+
+        return load_pretrained(cls, folder_or_id, **kwargs)
+
     # -- the three stages ------------------------------------------------------------------------------------
 
     @torch.inference_mode()
