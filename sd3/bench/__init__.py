@@ -16,6 +16,7 @@ BENCHMARKS = {
     "loader": "images/s through a loader rank and its time split (decode / each text encoder / VAE)",
     "pipeline": "the 3-process CPU job: images/s per model rank, stall %, transport vs a bare gloo send",
     "learn": "does the tiny model learn the shapes data: true vs shuffled caption loss, colour accuracy",
+    "sample_memory": "peak memory of sampling one image at a preset's model size (random weights, no checkpoint)",
 }
 
 
