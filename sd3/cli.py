@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("sd3.commands.cache", "run the encoders once over the shards and write latents + embeddings"),
     "train": ("sd3.commands.train", "train the MMDiT (run under torchrun)"),
     "sample": ("sd3.commands.sample", "generate images from a checkpoint"),
+    "recaption": ("sd3.commands.recaption", "recaption raw shards: LLaVA-NeXT captions, Llama shortens"),
     "quickstart": ("sd3.commands.quickstart", "from nothing: tiny encoders, shapes data, train on CPU, sample"),
     "bench": ("sd3.bench", "benchmarks: model | index | loader | pipeline | learn"),
 }
