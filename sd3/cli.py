@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-seed": ("sd3.commands.import_seed", "convert a source (gmongaras/SD3-From-Scratch) checkpoint into ours"),
     "eval": ("sd3.commands.eval", "FID (Inception pool features) and CLIP score of a checkpoint vs reference data"),
     "export": ("sd3.commands.export", "a hub-ready folder (EMA safetensors, config, model card); --push-to-hub"),
+    "recaption": ("sd3.commands.recaption", "recaption raw shards: LLaVA-NeXT captions, Llama shortens"),
     "quickstart": ("sd3.commands.quickstart", "from nothing: tiny encoders, shapes data, train on CPU, sample"),
     "bench": ("sd3.bench", "benchmarks: model | index | loader | pipeline | learn"),
 }

@@ -188,7 +188,8 @@ class TrainConfig:
 class SampleConfig:
     """Defaults for `sd3 sample` and the notebook (source "Inference")."""
 
-    sampler: Literal["euler", "euler_stochastic", "heun"] = "euler"
+    # euler | euler_stochastic | heun (the source's, SEED_SPEC §l) | euler_ancestral | heun_edm (sd3/sample/samplers.py)
+    sampler: Literal["euler", "euler_stochastic", "heun", "euler_ancestral", "heun_edm"] = "euler"
     num_steps: int = 50
     cfg_scale: float = 5.0
     width: int = 256
@@ -197,6 +198,11 @@ class SampleConfig:
     seed: int = -1  # -1 = random; the seed used is reported
     negative_prompt: str = ""
     use_ema: bool = True
+    # The SD3 paper's timestep shift t' = s·t / (1 + (s − 1)·t) (§5.3.2): > 1 spends more steps at high noise, which
+    # larger images need (SD3 uses 3.0 at 1024²); 1.0 = the unshifted grid.
+    shift: float = 1.0
+    # Image-to-image: how far the init image is noised (t = strength) before sampling; 0 = unchanged, 1 = pure noise.
+    strength: float = 0.6
 
 
 # Prompts of the validation grid when a preset names none: one per kind of scene a general model should draw.

@@ -64,8 +64,8 @@ def cases(tmp_path, bad_checkpoint) -> dict[str, tuple[list[str], str]]:
         "unknown option": (["info", "--config", "tiny-cpu", "--bogus"], "--bogus"),
         "unknown preset": (["info", "--config", "no-such-preset"], "no-such-preset"),
         "bad choice": (["info", "--config", "tiny-cpu", "--train.precision=fp13"], "train.precision"),
-        "not yet a choice": (["info", "--config", "tiny-cpu", "--model.positional_encoding=RoPE2dV2"],
-                             "model.positional_encoding"),
+        "unknown choice": (["info", "--config", "tiny-cpu", "--model.positional_encoding=RoPE3d"],
+                           "model.positional_encoding"),
         "negative steps": (train + ["--train.total_steps=-5"], "train.total_steps"),
         "zero batch": (train + ["--data.batch_size=0"], "data.batch_size"),
         "info size": (["info", "--config", "tiny-cpu", "--height", "100"], "100"),
@@ -90,7 +90,7 @@ def cases(tmp_path, bad_checkpoint) -> dict[str, tuple[list[str], str]]:
     }
 
 
-CASES = ["unknown command", "unknown option", "unknown preset", "bad choice", "not yet a choice", "negative steps",
+CASES = ["unknown command", "unknown option", "unknown preset", "bad choice", "unknown choice", "negative steps",
          "zero batch", "info size", "make-dataset n", "import-folder path", "create-phase path", "create-phase empty",
          "create-phase sizes", "create-indices path", "make-tiny weights", "sample checkpoint",
          "sample corrupt weights", "train corrupt weights", "train pickled state", "train resume path", "bench args",

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "learn": "does the tiny model learn the shapes data: true vs shuffled caption loss, colour accuracy",
     "balance": "loader-bound CPU job: planner's predicted stall vs the measured stall of the real torchrun job",
     "gpu": "CUDA: MMDiT fwd+bwd time and MFU, real-size encoders' images/s, peak memory, loader:model ratio",
+    "sample_memory": "peak memory of sampling one image at a preset's model size (random weights, no checkpoint)",
 }
 
 

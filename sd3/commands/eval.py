@@ -32,7 +32,8 @@ from sd3.devices import resolve_device
 from sd3.eval.clip import Clip, ClipImageFeatures
 from sd3.eval.fid import INCEPTION_FEATURES, EvalError, feature_fid, inception_fid
 from sd3.eval.reference import load_reference
-from sd3.sample.pipeline import Pipeline, find_checkpoint
+from sd3.sample.checks import find_checkpoint
+from sd3.sample.pipeline import Pipeline
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # the CLIP most T2I papers report CLIP score with
 

@@ -25,7 +25,8 @@ from sd3.config import Config
 from sd3.config_loader import config_from_dict
 from sd3.devices import resolve_dtype
 from sd3.eval.validation import sample_dir
-from sd3.sample.pipeline import build_in_dtype, find_checkpoint, load_weights
+from sd3.sample.checks import find_checkpoint
+from sd3.sample.pipeline import build_in_dtype, load_weights
 from sd3.sample.pretrained import ENCODERS_FILE, MODEL_CONFIG_FILE, SD3_CONFIG_FILE, WEIGHTS_FILE
 from sd3.train.checkpoint import CONFIG_FILE, EMA_FILE, META_FILE
 from sd3.train.secrets import scrub_secrets

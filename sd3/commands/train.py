@@ -22,6 +22,7 @@ from sd3.distributed import init_distributed, shutdown_distributed, signals
 from sd3.distributed.heartbeat import name_hung_first
 from sd3.distributed.loader import run_loader
 from sd3.errors import user_error_line
+from sd3.train.checkpoint import check_checkpoint
 from sd3.train.checkpointer import ResumePlan, data_start, plan_resume
 from sd3.train.sources import build_source, loader_sampler
 from sd3.train.trainer import ModelRanks, Trainer
@@ -88,6 +89,8 @@ def train_model_rank(cfg: Config, topology, plan: ResumePlan | None,
     """Build this model rank's source and Trainer (from `plan` if given), train, and return the exit code."""
     with signals.handled():
         try:
+            if plan is not None:
+                check_checkpoint(plan.directory)
             source = build_source(cfg, topology, topology.device, plan)
             if plan is not None and topology.is_main:
                 print(f"sd3 train: resuming from {plan.directory}, {resume_kind(plan, source.sampler.resumed)}",

@@ -6,6 +6,8 @@
     out_dir/gemma/           Gemma2ForCausalLM (hidden 64) + tokenizer       like google/gemma-2-2b
     out_dir/modernbert/      ModernBertForMaskedLM (hidden 32) + tokenizer   like answerdotai/ModernBERT-large
     out_dir/flux/vae/        AutoencoderKL, 16 latent channels, /8           like black-forest-labs/FLUX.1-schnell
+    out_dir/llava-next/      LlavaNextForConditionalGeneration + processor   like llava-hf/llama3-llava-next-8b-hf
+    out_dir/llama/           LlamaForCausalLM + chat tokenizer               like meta-llama/Meta-Llama-3-8B-Instruct
 
 The loaders take `CLIPTextModelWithProjection`, `Gemma2Model` and `ModernBertModel` out of these checkpoints exactly
 as they do from the hub repos. Tokenizers are WordPiece models built offline with the `tokenizers` library over a
@@ -21,15 +23,21 @@ import string
 from pathlib import Path
 
 import torch
+import transformers
 from diffusers import AutoencoderKL
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from transformers import (
     CLIPConfig,
-    CLIPImageProcessor,
     CLIPModel,
+    CLIPVisionConfig,
     Gemma2Config,
     Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     ModernBertConfig,
     ModernBertForMaskedLM,
     PreTrainedTokenizerFast,
@@ -72,6 +80,12 @@ TINY_VAE_CONFIG = dict(
     shift_factor=0.0,
 )
 
+
+
+def _image_processor(name: str):
+    """transformers' PIL-backed image processor class where it has one (transformers 5 warns on every load of the
+    default class without torchvision, which the CPU build of torch does not bring), else the default."""
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
 
 def build_tokenizer(specials_first: list[str], specials_last: list[str], template: str, pair: str,
                     special_tokens: dict[str, str], max_length: int) -> PreTrainedTokenizerFast:
@@ -132,7 +146,7 @@ def write_clip(out: Path) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     # The image processor makes the folder a full CLIP (CLIPProcessor.from_pretrained), as `sd3 eval --clip` loads.
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    _image_processor("CLIPImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
 
 
 def write_gemma(out: Path) -> None:
@@ -179,6 +193,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0, vae_weights: Path | None = TIN
     write_modernbert(out / "modernbert")
     torch.manual_seed(seed + 3)
     tiny_vae(vae_weights).save_pretrained(out / "flux" / "vae")
+    make_tiny_recaption(out, seed)  # llava-next/ and llama/, for `sd3 recaption`
     (out / "make_tiny.json").write_text(json.dumps({
         "written_by": "sd3 make-tiny", "seed": seed,
         "vae_weights": str(vae_weights) if vae_weights is not None and Path(vae_weights).is_file() else "random",
@@ -191,3 +206,77 @@ def tiny_overrides(root: str | Path) -> list[str]:
     root = Path(root)
     return [f"--encoders.clip={root / 'metaclip'}", f"--encoders.gemma={root / 'gemma'}",
             f"--encoders.bert={root / 'modernbert'}", f"--encoders.vae={root / 'flux'}", "--encoders.vae_subfolder=vae"]
+
+
+# -- recaptioning (sd3 recaption): a tiny LLaVA-NeXT captioner and a tiny Llama shortener, the real classes --------
+
+IMAGE_TOKEN = "<image>"
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                   "<pad>", "<unk>", IMAGE_TOKEN]
+# Llama-3's chat format; an {"type": "image"} content part becomes the <image> placeholder the processor expands.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def llama3_tokenizer() -> PreTrainedTokenizerFast:
+    """A WordPiece stand-in with Llama-3's special tokens and chat template, padded on the left for generation."""
+    tok = build_tokenizer(
+        LLAMA3_SPECIALS, [], "<|begin_of_text|> $A", "<|begin_of_text|> $A $B",
+        dict(unk_token="<unk>", bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<pad>"),
+        max_length=4096,
+    )
+    # The chat template writes the bos token itself: the post-processor must not add a second one.
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
+    tok.add_special_tokens({"additional_special_tokens": [t for t in LLAMA3_SPECIALS if t not in
+                                                          ("<|begin_of_text|>", "<|eot_id|>", "<pad>", "<unk>")]})
+    tok.padding_side = "left"
+    tok.chat_template = LLAMA3_CHAT_TEMPLATE
+    return tok
+
+
+def _tiny_llama_config(tok: PreTrainedTokenizerFast) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+
+
+def write_llama(out: Path) -> None:
+    """LlamaForCausalLM + tokenizer, like meta-llama/Meta-Llama-3-8B-Instruct (the recaption shortener)."""
+    tok = llama3_tokenizer()
+    LlamaForCausalLM(_tiny_llama_config(tok)).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def write_llava_next(out: Path) -> None:
+    """LlavaNextForConditionalGeneration + LlavaNextProcessor, like llava-hf/llama3-llava-next-8b-hf (the captioner):
+    a CLIP vision tower (32 px, patch 8), the anyres grid of LLaVA-NeXT on 32/64 px tiles, a Llama language model."""
+    tok = llama3_tokenizer()
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    config = LlavaNextConfig(vision_config=vision, text_config=_tiny_llama_config(tok),
+                             image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN), image_grid_pinpoints=pinpoints,
+                             vision_feature_layer=-1, vision_feature_select_strategy="default")
+    LlavaNextForConditionalGeneration(config).save_pretrained(out)
+    image_processor = _image_processor("LlavaNextImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                              image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                                   vision_feature_select_strategy="default", chat_template=LLAMA3_CHAT_TEMPLATE,
+                                   image_token=IMAGE_TOKEN, num_additional_image_tokens=1)  # CLIP's CLS
+    processor.save_pretrained(out)
+
+
+def make_tiny_recaption(out_dir: str | Path, seed: int = 0) -> Path:
+    """out_dir/llava-next/ and out_dir/llama/: the two tiny recaption models (random weights: gibberish output)."""
+    out = Path(out_dir)
+    torch.manual_seed(seed + 4)
+    write_llava_next(out / "llava-next")
+    torch.manual_seed(seed + 5)
+    write_llama(out / "llama")
+    return out

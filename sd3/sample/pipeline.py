@@ -9,9 +9,7 @@ stage, not the sum of all models.
 
 from __future__ import annotations
 
-import json
 import random
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,36 +19,15 @@ from PIL import Image
 from safetensors import safe_open
 
 from sd3.config import Config
-from sd3.config_loader import apply_override, config_from_dict
 from sd3.devices import resolve_device, resolve_dtype
+from sd3.encoders.text import TextEncoders
+from sd3.encoders.vae import LatentVAE, normalize
+from sd3.errors import ConfigError
 from sd3.model import MMDiT, build_model
-from sd3.sample.images import to_pil
-from sd3.sample.samplers import SAMPLERS, guided, make_timesteps
-from sd3.train.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, resolve_checkpoint
-
-SIZE_MULTIPLE = 16  # VAE /8 then patch 2: every pixel side must be a multiple of 16
-
-
-def check_size(width: int, height: int, max_res: int | None = None) -> None:
-    """ValueError for sides that are not multiples of 16; a warning above the resolution the model was trained at."""
-    for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % SIZE_MULTIPLE:
-            raise ValueError(f"{name} {value} is not a positive multiple of {SIZE_MULTIPLE} (VAE /8 x patch 2)")
-    if max_res is not None and max(width, height) > max_res:
-        warnings.warn(f"{width}x{height} is above the resolution this checkpoint was trained at ({max_res}); "
-                      "expect repeated or broken structure", stacklevel=3)
-
-
-def find_checkpoint(checkpoint: str | Path) -> Path:
-    """A checkpoint directory itself, or a save_dir whose `latest` file names one."""
-    path = Path(checkpoint)
-    if (path / CONFIG_FILE).is_file():
-        return path
-    found = resolve_checkpoint(str(path)) if path.exists() else None
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint at {checkpoint} (expected a step-XXXXXXXX dir with config.json, "
-                                "or a save_dir with a 'latest' file)")
-    return Path(found)
+from sd3.sample.checks import SIZE_MULTIPLE, Settings, check_settings, check_size, open_checkpoint, open_image
+from sd3.sample.images import to_pil, to_tensor
+from sd3.sample.offload import Offload
+from sd3.sample.samplers import SAMPLERS, enter_timesteps, guided, make_timesteps
 
 
 def build_in_dtype(cfg: Config, device: torch.device, dtype: torch.dtype) -> MMDiT:
@@ -69,21 +46,20 @@ def build_in_dtype(cfg: Config, device: torch.device, dtype: torch.dtype) -> MMD
 def load_weights(model: MMDiT, path: Path) -> None:
     """Copy a safetensors state dict into `model` one tensor at a time (cast to the model's dtype), so the peak is
     the model plus one tensor rather than the model plus a full fp32 state dict. Keys must match exactly."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing (ema.safetensors by default, model.safetensors with the raw weights)")
     own = model.state_dict()
     with safe_open(str(path), framework="pt", device="cpu") as f:
         keys = set(f.keys())
         missing, unexpected = sorted(own.keys() - keys), sorted(keys - own.keys())
         if missing or unexpected:
-            raise KeyError(f"{path}: weights do not fit the model of its config.json: "
+            raise ConfigError(f"{path}: weights do not fit the model of its config.json: "
                            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
         with torch.no_grad():
             for key in keys:
                 tensor = f.get_tensor(key)
                 if tensor.shape != own[key].shape:
-                    raise ValueError(f"{path}: '{key}' has shape {tuple(tensor.shape)}, the model expects {tuple(own[key].shape)}")
+                    raise ConfigError(f"{path}: '{key}' has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(own[key].shape)}")
                 own[key].copy_(tensor)
 
 
@@ -102,50 +78,45 @@ class Pipeline:
     """Loads once, then `pipe("a red circle", seed=1)` -> SampleResult.
 
     model: the MMDiT in `dtype` on `device`; text_encoders: a TextEncoders (or None to pass embeddings yourself);
-    vae: a LatentVAE with its decoder; offload: keep encoders on the CPU between their stages (default: when the
-    device is not the CPU, where there is nothing to gain).
+    vae: a LatentVAE with its decoder (and its encoder for init images); offload: keep the parts on the CPU between
+    their stages (default: when the device is not the CPU, where there is nothing to gain; sd3/sample/offload.py).
     """
 
-    def __init__(self, model: MMDiT, cfg: Config, text_encoders, vae, device: torch.device, dtype: torch.dtype,
-                 offload: bool | None = None):
+    def __init__(self, model: MMDiT, cfg: Config, text_encoders: TextEncoders | None, vae: LatentVAE,
+                 device: torch.device, dtype: torch.dtype, offload: bool | None = None):
         self.model = model.eval()
         self.cfg = cfg
         self.text_encoders = text_encoders
         self.vae = vae
         self.device = device
         self.dtype = dtype
-        self.offload = device.type != "cpu" if offload is None else offload
-        self.home = torch.device("cpu") if self.offload else device  # where encoders wait between stages
+        self.offload = Offload(device, enabled=device.type != "cpu" if offload is None else offload)
         for part in (text_encoders, vae):
             if part is not None:
-                move(part, self.home)
+                self.offload.move_home(part)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str | torch.device = "auto",
                         dtype: str | torch.dtype = "bf16", use_ema: bool = True, overrides: list[str] = (),
-                        offload: bool | None = None) -> Pipeline:
+                        offload: bool | None = None, keep_vae_encoder: bool = False) -> Pipeline:
         """A checkpoint directory (or a save_dir with a `latest` file) -> a ready pipeline.
 
         `overrides` (`encoders.vae=PATH`, ...) repoint encoder paths when the checkpoint moved machines.
+        `keep_vae_encoder`: keep the VAE's encoder half, which image-to-image (`init_image`) needs; text-to-image
+        only decodes, so by default it is freed.
         """
-        from sd3.encoders.text import TextEncoders
-        from sd3.encoders.vae import LatentVAE
-
-        path = find_checkpoint(checkpoint)
-        cfg = config_from_dict(json.loads((path / CONFIG_FILE).read_text()), source=str(path / CONFIG_FILE))
-        for item in overrides:
-            apply_override(cfg, item)
+        ckpt = open_checkpoint(checkpoint, use_ema, overrides)
+        cfg = ckpt.cfg
         device, dtype = resolve_device(device), resolve_dtype(dtype)
-
-        weights = path / (EMA_FILE if use_ema else MODEL_FILE)
         model = build_in_dtype(cfg, device, dtype)
-        load_weights(model, weights)
+        load_weights(model, ckpt.weights)
 
         load_device = torch.device("cpu") if (offload or (offload is None and device.type != "cpu")) else device
         text = TextEncoders.load(cfg.encoders, cfg.model.text_tokens, load_device)
         vae = LatentVAE.load(cfg.encoders.vae, cfg.encoders.vae_subfolder, load_device, cfg.encoders.vae_dtype,
                              with_decoder=True)
-        drop_vae_encoder(vae)
+        if not keep_vae_encoder:
+            drop_vae_encoder(vae)
         return cls(model, cfg, text, vae, device, dtype, offload)
 
     @classmethod
@@ -155,7 +126,7 @@ class Pipeline:
 
         return load_pretrained(cls, folder_or_id, **kwargs)
 
-    # -- the three stages ------------------------------------------------------------------------------------
+    # -- the stages ------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,20 +140,38 @@ class Pipeline:
         pooled = torch.zeros(len(prompts), cfg.pooled_dim, device=self.device)
         real = [i for i, p in enumerate(prompts) if p]
         if real:
-            with self.on_device(self.text_encoders):
+            with self.offload.on_device(self.text_encoders):
                 c, p = self.text_encoders.encode([prompts[i] for i in real])  # (b, 2T, D), (b, P)
             context[real] = c.to(self.device, torch.float32)
             pooled[real] = p.to(self.device, torch.float32)
         return context.to(self.dtype), pooled.to(self.dtype)
 
     @torch.inference_mode()
-    def denoise(self, noise: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                uncond: tuple[torch.Tensor, torch.Tensor] | None, cfg_scale: float, num_steps: int, sampler: str,
-                generator: torch.Generator | None = None,
-                callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-        """Noise (B, C, h, w) fp32 -> latents x0. `uncond` None or cfg_scale 0: the conditional velocity alone.
+    def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
+        """An init image -> its normalised latents (1, C, h, w) fp32 on the device, resized to width x height.
 
-        callback: the sampler's, called after every step with {"i", "t", "t_next", "x", "x0"}.
+        The latent distribution's mean, not a sample: the same image always gives the same latents, so strength 0
+        returns exactly decode(encode(image)).
+        """
+        if self.vae.vae.encoder is None:
+            raise ValueError("this pipeline freed its VAE encoder; load it with "
+                             "Pipeline.from_checkpoint(..., keep_vae_encoder=True) to sample from an init image")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.LANCZOS)
+        pixels = to_tensor([image])  # (1, 3, H, W) in [-1, 1]
+        with self.offload.on_device(self.vae):
+            z = self.vae.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mode()  # (1, C, h, w)
+        return normalize(z.float(), self.vae.shift, self.vae.scale).to(self.device)
+
+    @torch.inference_mode()
+    def denoise(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                uncond: tuple[torch.Tensor, torch.Tensor] | None, cfg_scale: float, timesteps: torch.Tensor,
+                sampler: str, generator: torch.Generator | None = None,
+                callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+        """x (B, C, h, w) fp32 at timesteps[0] -> latents x0. `uncond` None or cfg_scale 0: the conditional velocity.
+
+        timesteps: `make_timesteps(steps, shift)`, or `enter_timesteps(...)` for an init image. callback: the
+        sampler's, called after every step with {"i", "t", "t_next", "x", "x0"}.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler '{sampler}' is not one of {', '.join(SAMPLERS)}")
@@ -198,13 +187,13 @@ class Pipeline:
             model_fn = lambda x, t: velocity(x, t, **cond)  # noqa: E731
         else:
             # v = v_cond + scale·(v_cond − v_uncond), cond and uncond batched into one forward (samplers.guided).
+            # This is the source's (1 + s)·v_cond − s·v_uncond (SEED_SPEC §l).
             model_fn = guided(velocity, cond, {"context": uncond[0], "pooled": uncond[1]}, cfg_scale)
-        timesteps = make_timesteps(num_steps).to(self.device)
-        return SAMPLERS[sampler](model_fn, noise, timesteps, generator=generator, callback=callback)
+        return SAMPLERS[sampler](model_fn, x, timesteps.to(self.device), generator=generator, callback=callback)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        with self.on_device(self.vae):
+        with self.offload.on_device(self.vae):
             images = self.vae.decode(latents.to(self.device))  # (B, 3, H, W) in [-1, 1]
         return to_pil(images)
 
@@ -213,38 +202,56 @@ class Pipeline:
     def __call__(self, prompt: str | list[str], negative_prompt: str | None = None, cfg_scale: float | None = None,
                  num_steps: int | None = None, sampler: str | None = None, width: int | None = None,
                  height: int | None = None, batch_size: int | None = None, seed: int | None = None,
-                 return_intermediates: bool = False, progress: Callable[[int, int], None] | None = None,
-                 max_batch: int = 16) -> SampleResult:
+                 shift: float | None = None, init_image: Image.Image | str | Path | None = None,
+                 strength: float | None = None, return_intermediates: bool = False,
+                 progress: Callable[[int, int], None] | None = None, max_batch: int = 16) -> SampleResult:
         """`batch_size` images per prompt; unset arguments take the checkpoint's [sample] values.
 
+        shift: the SD3 timestep shift t' = s·t / (1 + (s − 1)·t) (1 = unshifted; `make_timesteps`).
+        init_image (a PIL image or a path) and strength: image-to-image. The image (resized to width x height; by
+        default its own size, rounded down to multiples of 16) is encoded, noised to t = strength with each image's
+        own seeded noise, and sampled from there along the full run's grid (`enter_timesteps`): strength 0 returns
+        its reconstruction, strength 1 ignores it.
         Images of all prompts are denoised together, up to `max_batch` per forward. seed -1 draws a random seed.
         Image k of the call starts from noise seeded with seed + k, so with the deterministic samplers (euler,
-        heun) any image can be re-made alone from the seed it reports; euler_stochastic also draws fresh noise
-        per step for the whole chunk, so its images repeat for the same call. `progress(step, total)` is called
-        after every sampler step.
+        heun, heun_edm) any image can be re-made alone from the seed it reports; the stochastic ones
+        (samplers.STOCHASTIC) also draw fresh noise per step for the whole chunk, so their images repeat for the
+        same call. `progress(step, total)` is called after every sampler step.
         """
         s = self.cfg.sample
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negative = s.negative_prompt if negative_prompt is None else negative_prompt
-        cfg_scale = s.cfg_scale if cfg_scale is None else cfg_scale
-        num_steps = s.num_steps if num_steps is None else num_steps
-        sampler = sampler or s.sampler
-        width = s.width if width is None else width
-        height = s.height if height is None else height
-        batch_size = s.batch_size if batch_size is None else batch_size
-        if batch_size < 1 or num_steps < 1 or max_batch < 1:
-            raise ValueError(f"batch_size ({batch_size}), num_steps ({num_steps}) and max_batch ({max_batch}) must be >= 1")
+        image = None
+        if init_image is not None:
+            image = open_image(init_image) if isinstance(init_image, (str, Path)) else init_image.convert("RGB")
+            if width is None and height is None:  # the image's own size, on the 16-pixel grid
+                width, height = (side // SIZE_MULTIPLE * SIZE_MULTIPLE for side in image.size)
+        settings = Settings(
+            num_steps=s.num_steps if num_steps is None else num_steps, sampler=sampler or s.sampler,
+            cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale, shift=s.shift if shift is None else shift,
+            strength=(s.strength if strength is None else strength) if image is not None else None,
+            width=s.width if width is None else width, height=s.height if height is None else height,
+            batch_size=s.batch_size if batch_size is None else batch_size)
+        check_settings(settings)
+        if max_batch < 1:
+            raise ValueError(f"max_batch ({max_batch}) must be >= 1")
+        check_size(settings.width, settings.height, self.cfg.model.max_res)
         seed = s.seed if seed is None else seed
-        check_size(width, height, self.cfg.model.max_res)
         if seed < 0:
             seed = random.randrange(2**31)
 
         # All prompts (and the negative one) are encoded in one visit of the text encoders to the device.
-        with self.off_device(self.model):
+        with self.offload.off_device(self.model):
             context_all, pooled_all = self.encode(prompts + [negative])  # (P+1, 2T, D), (P+1, P)
-        which = torch.arange(len(prompts)).repeat_interleave(batch_size)  # image k -> its prompt
+            init = None if image is None else self.encode_image(image, settings.width, settings.height)  # (1, C, h, w)
+        if init is None:
+            timesteps = make_timesteps(settings.num_steps, settings.shift)  # (N+1,)
+        else:
+            timesteps = enter_timesteps(settings.num_steps, settings.strength, settings.shift)  # (~strength·N + 1,)
+        which = torch.arange(len(prompts)).repeat_interleave(settings.batch_size)  # image k -> its prompt
         seeds = [seed + k for k in range(len(which))]
         chunks = [range(k, min(k + max_batch, len(which))) for k in range(0, len(which), max_batch)]
+        steps_per_chunk = len(timesteps) - 1
 
         down = self.cfg.model.vae_downsample
         images, frames = [], []
@@ -254,74 +261,40 @@ class Pipeline:
             context, pooled = context_all[rows], pooled_all[rows]  # (b, 2T, D), (b, P)
             uncond = (context_all[-1:].expand(b, -1, -1), pooled_all[-1:].expand(b, -1))
             noise = torch.cat([
-                torch.randn(1, self.cfg.model.in_channels, height // down, width // down,
+                torch.randn(1, self.cfg.model.in_channels, settings.height // down, settings.width // down,
                             generator=torch.Generator().manual_seed(seeds[k]))
                 for k in chunk]).to(self.device)  # (b, C, h, w) fp32, drawn on the CPU: same on any device
+            start = float(timesteps[0])
+            x = noise if init is None else (1.0 - start) * init + start * noise  # x_t on the straight path
             generator = torch.Generator(self.device).manual_seed(seeds[chunk.start] + 1)  # stochastic samplers' noise
             steps: list[torch.Tensor] = []
 
-            def callback(info: dict) -> None:
+            def callback(info: dict, steps: list[torch.Tensor] = steps, c_index: int = c_index) -> None:
                 if return_intermediates:
                     steps.append(info["x"].to("cpu", torch.float32))  # the noisy state after this step
                 if progress is not None:
-                    progress(c_index * num_steps + info["i"] + 1, len(chunks) * num_steps)
+                    progress(c_index * steps_per_chunk + info["i"] + 1, len(chunks) * steps_per_chunk)
 
-            latents = self.denoise(noise, context, pooled, uncond, cfg_scale, num_steps, sampler, generator, callback)
+            if steps_per_chunk == 0:  # strength 0: the init image's own latents, no step to take
+                latents = x
+            else:
+                latents = self.denoise(x, context, pooled, uncond, settings.cfg_scale, timesteps, settings.sampler,
+                                       generator, callback)
             images += self.decode(latents)
             if return_intermediates:
-                decoded = self.decode(torch.cat(steps))  # [step * b + image]
+                decoded = self.decode(torch.cat(steps)) if steps else []  # [step * b + image]
                 frames += [decoded[i::b] + [images[-b + i]] for i in range(b)]
-        settings = dict(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, width=width, height=height,
-                        negative_prompt=negative, dtype=str(self.dtype).removeprefix("torch."))
+        used = dict(sampler=settings.sampler, num_steps=settings.num_steps, cfg_scale=settings.cfg_scale,
+                    shift=settings.shift, width=settings.width, height=settings.height, negative_prompt=negative,
+                    dtype=str(self.dtype).removeprefix("torch."))
+        if image is not None:
+            used.update(strength=settings.strength, init_image=str(init_image) if isinstance(init_image, (str, Path))
+                        else "PIL image", steps_taken=steps_per_chunk)
         all_prompts = [prompts[int(i)] for i in which]
-        return SampleResult(images, seeds, all_prompts, frames if return_intermediates else None, settings)
-
-    # -- device juggling -------------------------------------------------------------------------------------
-
-    def on_device(self, part) -> _Visit:
-        return _Visit(part, self.device, self.home)
-
-    def off_device(self, part) -> _Visit:
-        """While the text encoders run, the MMDiT waits on the CPU: one stage's models on the device at a time."""
-        return _Visit(part, self.home, self.device)
+        return SampleResult(images, seeds, all_prompts, frames if return_intermediates else None, used)
 
 
-def drop_vae_encoder(vae) -> None:
-    """Sampling only decodes: the VAE's encoder half is freed (a LatentVAE wraps a diffusers AutoencoderKL)."""
+def drop_vae_encoder(vae: LatentVAE) -> None:
+    """Text-to-image only decodes: the VAE's encoder half is freed (a LatentVAE wraps a diffusers AutoencoderKL)."""
     vae.vae.encoder = None
     vae.vae.quant_conv = None
-
-
-def move(part, device: torch.device) -> None:
-    """Move an nn.Module, or a TextEncoders / LatentVAE (each holds its nn.Modules and the `device` its inputs go to)."""
-    if isinstance(part, torch.nn.Module):
-        part.to(device)
-        return
-    for value in vars(part).values():
-        if isinstance(value, torch.nn.Module):
-            value.to(device)
-    part.device = device
-
-
-class _Visit:
-    """`with pipe.on_device(part):` moves a part to `there` and back afterwards; a no-op when both are the same."""
-
-    def __init__(self, part, there: torch.device, back: torch.device):
-        self.part, self.there, self.back = part, there, back
-
-    def __enter__(self):
-        if self.there != self.back:
-            move(self.part, self.there)
-            _release(self.back)
-        return self.part
-
-    def __exit__(self, *exc) -> None:
-        if self.there != self.back:
-            move(self.part, self.back)
-            _release(self.there)
-
-
-def _release(device: torch.device) -> None:
-    """Hand the memory of the weights that just left a GPU back to the driver, for the next stage's models."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

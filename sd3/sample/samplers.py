@@ -6,10 +6,19 @@ Every sampler has one signature (as in k-diffusion's sampling.py):
 
 - `model(x, t) -> v`: any callable velocity model, t a (B,) tensor (1 = pure noise); wrap an MMDiT with its
   text condition, or with `guided(...)` for classifier-free guidance.
-- `x` (B, ...) the starting noise at timesteps[0]; `timesteps` a 1-D tensor decreasing from 1 to 0 (see
-  `make_timesteps`); a step moves x by (t_next - t)·v, which is negative·v because t decreases.
+- `x` (B, ...) the starting point at timesteps[0] (pure noise at t = 1, or a noised image for image-to-image);
+  `timesteps` a 1-D tensor decreasing to 0 (see `make_timesteps`, `enter_timesteps`); step i moves x from t_i to
+  t_{i+1} with dt = t_i − t_{i+1} > 0, so x ← x − v·dt in the source's notation.
 - `callback(info)` is called after every step with {"i", "t", "t_next", "x", "x0"} (x0 = the current
   prediction of the clean sample, x - t·v).
+
+The samplers (SAMPLERS): `euler`, `euler_stochastic` and `heun` are the source's (SEED_SPEC §l, its
+diff_model.sample_imgs); `euler_ancestral` (DDIM-η / k-diffusion's ancestral step) and `heun_edm` (Heun with an
+Euler last step) are ours, kept under their own names.
+
+The source's time grid is t_i = linspace(1, 1/N, N) with a constant dt = 1/N: the model sees t = 1, 1 − 1/N, …,
+1/N and the last step lands on t = 0. `make_timesteps(N)` is that grid with its end point 0 appended, so every
+sampler here runs the source's steps exactly when shift = 1.
 
 Paths follow the training convention of sd3/train/flow.py: x_t = (1 - t)·x0 + t·eps, v = eps - x0, hence
 x0 = x_t - t·v and eps = x_t + (1 - t)·v for any point on a path.
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -43,11 +53,27 @@ def make_timesteps(num_steps: int, shift: float = 1.0, device: torch.device | st
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
+def enter_timesteps(num_steps: int, strength: float, shift: float = 1.0,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Image-to-image: the grid of `make_timesteps(num_steps, shift)` entered at t = strength.
+
+    The times of the full grid below `strength`, with `strength` itself put first: the sampler starts from an image
+    noised to exactly t = strength and then follows the same steps a full run would take (so ~strength·N steps
+    with shift 1; with shift 1 and strength·N a whole number this is diffusers' img2img truncation). strength 1 is
+    the full grid; strength 0 is [0.0], no step at all (the caller returns the image's own latents).
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    full = make_timesteps(num_steps, shift, device)  # (N+1,)
+    # The 1e-9 drops a grid point equal to strength up to rounding, which would leave a sliver of a first step.
+    return torch.cat([full.new_tensor([strength]), full[full < strength - 1e-9]])
+
+
 def _check(timesteps: torch.Tensor) -> list[float]:
     if timesteps.dim() != 1 or timesteps.numel() < 2:
         raise ValueError(f"sampler: timesteps must be a 1-D tensor of >= 2 times, got shape {tuple(timesteps.shape)}")
     ts = [float(t) for t in timesteps]
-    if any(b >= a for a, b in zip(ts, ts[1:])):
+    if any(b >= a for a, b in pairwise(ts)):
         raise ValueError(f"sampler: timesteps must strictly decrease (from 1 towards 0), got {ts[:4]}...")
     return ts
 
@@ -63,6 +89,12 @@ def _velocity(model: VelocityModel, x: torch.Tensor, t: float) -> torch.Tensor:
     return model(x, _t_batch(t, x)).to(x.dtype)
 
 
+def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """z ~ N(0, I) shaped like x, drawn on the generator's device (so a CPU generator replays on any device)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
 @torch.no_grad()
 def euler(
     model: VelocityModel,
@@ -72,15 +104,55 @@ def euler(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """Explicit Euler on the probability-flow ODE dx/dt = v(x, t): x_{i+1} = x_i + (t_{i+1} - t_i)·v(x_i, t_i).
+    """Explicit Euler on the probability-flow ODE dx/dt = v(x, t): x_{i+1} = x_i - dt·v(x_i, t_i), dt = t_i - t_{i+1}.
 
-    The rectified-flow sampler of the SD3 paper (and diffusers' FlowMatchEulerDiscreteScheduler). Deterministic;
-    `generator` is accepted for the common signature. The model is never evaluated at t = 0.
+    The source's `euler` (SEED_SPEC §l: x ← x − v·dt), the rectified-flow sampler of the SD3 paper and diffusers'
+    FlowMatchEulerDiscreteScheduler. Deterministic; `generator` is accepted for the common signature. The model is
+    never evaluated at t = 0.
     """
     ts = _check(timesteps)
-    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+    for i, (t, t_next) in enumerate(pairwise(ts)):
         v = _velocity(model, x, t)  # (B, ...)
-        x_next = x + (t_next - t) * v
+        x_next = x - (t - t_next) * v
+        if callback is not None:
+            callback({"i": i, "t": t, "t_next": t_next, "x": x_next, "x0": x - t * v})
+        x = x_next
+    return x
+
+
+def source_sigma(t: float) -> float:
+    """The source's noise scale for euler_stochastic (SEED_SPEC §l): σ(t) = t(1 − t) / (1 − t + 0.008).
+
+    Zero at both ends (t = 1: pure noise needs none; t = 0: none added to the data), largest (~0.84) near t = 0.9;
+    the 0.008 keeps the denominator away from 0 at t = 1.
+    """
+    return t * (1.0 - t) / (1.0 - t + 0.008)
+
+
+@torch.no_grad()
+def euler_stochastic(
+    model: VelocityModel,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """The source's stochastic Euler (SEED_SPEC §l): x ← x − v·dt + σ(t)·z·√dt, z ~ N(0, I), σ = `source_sigma`.
+
+    An Euler–Maruyama step of dx = v dt + σ(t) dW̄ with σ evaluated at the current t. Unlike `euler_ancestral` it
+    adds no score correction for the injected noise, so it does not keep the flow's marginals: it injects
+    Σ σ(t_i)²·dt ≈ 0.29 of variance over a uniform grid, and on a N(0.7, 0.5²) target with its exact velocity field
+    the std comes out ~1.25× too large at 50 or 200 steps (tested). That is what the source does; use
+    `euler_ancestral` for a marginal-preserving stochastic sampler. Reproducible when `generator` is given (z is
+    drawn from it on its device).
+    """
+    ts = _check(timesteps)
+    for i, (t, t_next) in enumerate(pairwise(ts)):
+        v = _velocity(model, x, t)  # (B, ...)
+        dt = t - t_next
+        # z is drawn on every step, σ(1) = 0 included, as the formula reads: one draw per step keeps the stream simple.
+        x_next = x - dt * v + source_sigma(t) * math.sqrt(dt) * _noise(x, generator)
         if callback is not None:
             callback({"i": i, "t": t, "t_next": t_next, "x": x_next, "x0": x - t * v})
         x = x_next
@@ -96,14 +168,41 @@ def heun(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """Heun's 2nd-order method: Karras et al. 2022 (EDM), Algorithm 1, written in t instead of sigma.
+    """The source's Heun (SEED_SPEC §l), the explicit trapezoidal rule (Heun 1900; Süli & Mayers §12.5) on every step.
 
-    Per step: d = v(x, t); x' = x + (t_next - t)·d; if t_next > 0, d' = v(x', t_next) and
-    x_next = x + (t_next - t)·(d + d')/2; the last step (t_next = 0) stays Euler, as in EDM, because the
-    velocity is not defined at pure data. 2·N - 1 model calls for N steps. Deterministic.
+    v₁ = v(x, t); x̃ = x − v₁·dt; v₂ = v(x̃, t − dt); x ← x − (dt/2)(v₁ + v₂). The corrector runs on the last step
+    too, so the model is evaluated at t = 0 (the network's velocity eps − x0 is still defined there) and a run of N
+    steps costs 2N model calls. (The source's text-loss unpacking bug for v₂ has no counterpart here: the velocity
+    model returns one tensor.) Deterministic. See `heun_edm` for the variant whose last step stays Euler.
     """
     ts = _check(timesteps)
-    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+    for i, (t, t_next) in enumerate(pairwise(ts)):
+        dt = t - t_next
+        v1 = _velocity(model, x, t)  # (B, ...)
+        v2 = _velocity(model, x - dt * v1, t_next)  # (B, ...)
+        x_next = x - 0.5 * dt * (v1 + v2)
+        if callback is not None:
+            callback({"i": i, "t": t, "t_next": t_next, "x": x_next, "x0": x - t * v1})
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def heun_edm(
+    model: VelocityModel,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Heun's 2nd-order method as Karras et al. 2022 (EDM), Algorithm 1, written in t instead of sigma.
+
+    As `heun`, except that the last step (t_next = 0) stays Euler, as in EDM: the model is never evaluated at pure
+    data (a point training's t ~ logit-normal never draws), and N steps cost 2·N − 1 model calls. Deterministic.
+    """
+    ts = _check(timesteps)
+    for i, (t, t_next) in enumerate(pairwise(ts)):
         d = _velocity(model, x, t)  # (B, ...)
         x_next = x + (t_next - t) * d
         if t_next > 0:
@@ -116,7 +215,7 @@ def heun(
 
 
 @torch.no_grad()
-def euler_stochastic(
+def euler_ancestral(
     model: VelocityModel,
     x: torch.Tensor,
     timesteps: torch.Tensor,
@@ -138,6 +237,7 @@ def euler_stochastic(
     Euler–Maruyama step of the reverse-time SDE with the same marginals as the flow,
         dx = [v + eps/(1 - t)] dt + g dW̄,  g(t)² = 2t / (1 - t)   (dt < 0).
     The first step (t = 1) draws fresh noise entirely; the last (t_next = 0) adds none and returns x0.
+    (This was `euler_stochastic` before the source's own sampler took that name.)
     Reproducible when `generator` is given (z is drawn from it on its device).
     Tolerance: for a point-mass target x0 the velocity field is exact and so is every x0 prediction, so the
     result equals x0 up to rounding (tested < 1e-4). For a Gaussian target N(mu, s²) with its exact field, 200
@@ -146,9 +246,9 @@ def euler_stochastic(
     of the std is ~0.6% here), tested on 16384 values in tests/sample/test_samplers.py.
     """
     if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"euler_stochastic: eta must be in [0, 1], got {eta}")
+        raise ValueError(f"euler_ancestral: eta must be in [0, 1], got {eta}")
     ts = _check(timesteps)
-    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+    for i, (t, t_next) in enumerate(pairwise(ts)):
         v = _velocity(model, x, t)  # (B, ...)
         x0 = x - t * v
         eps = x + (1.0 - t) * v
@@ -159,9 +259,7 @@ def euler_stochastic(
         sigma = min(t_next, eta * t_next * math.sqrt(max(0.0, 1.0 - ratio * ratio)))
         x_next = (1.0 - t_next) * x0 + math.sqrt(max(0.0, t_next * t_next - sigma * sigma)) * eps
         if sigma > 0:
-            device = generator.device if generator is not None else x.device
-            z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-            x_next = x_next + sigma * z
+            x_next = x_next + sigma * _noise(x, generator)
         if callback is not None:
             callback({"i": i, "t": t, "t_next": t_next, "x": x_next, "x0": x0})
         x = x_next
@@ -172,7 +270,10 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler": euler,
     "euler_stochastic": euler_stochastic,
     "heun": heun,
+    "euler_ancestral": euler_ancestral,
+    "heun_edm": heun_edm,
 }
+STOCHASTIC = ("euler_stochastic", "euler_ancestral")  # the samplers that draw from `generator`
 
 
 def _batchable(cond: dict[str, Any], uncond: dict[str, Any]) -> bool:

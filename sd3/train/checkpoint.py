@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sd3.errors import read_file
@@ -352,6 +353,18 @@ def resolve_checkpoint(spec: str | Path | None, save_dir: str | Path | None = No
         return found
     require_complete(path)
     return path
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Every file of a checkpoint readable, without loading it: the safetensors headers and state.pt's structure
+    (memory-mapped). A model rank calls it before it builds anything, so a corrupt or unsafe file is the first
+    error named, not whatever the data set-up would have failed on."""
+    path = Path(path)
+    require_complete(path)
+    for name in (MODEL_FILE, EMA_FILE):
+        read_file(path / name, lambda p: safe_open(str(p), "pt").keys())
+    if (path / STATE_FILE).is_file():
+        read_file(path / STATE_FILE, torch.load, map_location="cpu", weights_only=True, mmap=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Loaded:

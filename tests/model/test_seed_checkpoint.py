@@ -13,7 +13,8 @@ from sd3.cli import main
 from sd3.config_loader import config_from_dict
 from sd3.model import build_model
 from sd3.model.seed_checkpoint import SeedCheckpointError, convert, model_config
-from sd3.sample.pipeline import build_in_dtype, find_checkpoint, load_weights
+from sd3.sample.checks import find_checkpoint
+from sd3.sample.pipeline import build_in_dtype, load_weights
 
 D, H, BLOCKS, C, P, POOLED, GEMMA, BERT, T = 32, 2, 3, 4, 2, 6, 2304, 1024, 77
 HIDDEN = 4 * D

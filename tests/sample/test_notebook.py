@@ -9,6 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from PIL import Image
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "infer_loop.ipynb"
 
@@ -33,11 +34,14 @@ def test_notebook_runs_and_shows_an_image(tiny_checkpoint, this_interpreter_kern
     assert "parameters" in code[0].metadata.get("tags", []), "the first code cell is the parameter cell"
     assert "import torch" not in "".join(c.source for c in code), "no model code in the notebook"
 
+    init = tmp_path / "init.png"  # image-to-image with a shifted grid, through the notebook's parameters
+    Image.new("RGB", (32, 32), "white").save(init)
     # Papermill's convention: a cell right after the parameter cell overrides the parameters.
     at = nb.cells.index(code[0]) + 1
     nb.cells.insert(at, nbformat.v4.new_code_cell(
         f'checkpoint = {str(tiny_checkpoint)!r}\ndevice = "cpu"\nnum_steps = 2\nbatch_size = 2\n'
-        'width = 32\nheight = 32\nseed = 3\ntext_input = "a blue square"'))
+        'width = 32\nheight = 32\nseed = 3\ntext_input = "a blue square"\n'
+        f'init_image = {str(init)!r}\nstrength = 0.5\nshift = 3.0'))
 
     client = NotebookClient(nb, kernel_name=this_interpreter_kernel, timeout=120,
                             resources={"metadata": {"path": str(tmp_path)}})

@@ -1,9 +1,25 @@
-"""Samplers (sd3/sample/samplers.py) on velocity fields whose solution is known in closed form."""
+"""Samplers (sd3/sample/samplers.py): closed-form cases, and the source's update rules (SEED_SPEC §l) re-done by
+hand on a stand-in velocity field."""
+
+import math
 
 import pytest
 import torch
 
-from sd3.sample.samplers import SAMPLERS, euler, euler_stochastic, guided, make_timesteps
+from sd3.sample.samplers import (
+    SAMPLERS,
+    enter_timesteps,
+    euler,
+    euler_ancestral,
+    euler_stochastic,
+    guided,
+    heun,
+    make_timesteps,
+    source_sigma,
+)
+
+DETERMINISTIC = ["euler", "heun", "heun_edm"]
+NEVER_AT_ZERO = ["euler", "heun_edm", "euler_ancestral"]  # the samplers that never evaluate the model at t = 0
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -36,7 +52,19 @@ def _gaussian_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (t - a * S * S) / var * (x - a * MU) - MU
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def _stand_in(calls: list[float] | None = None):
+    """A velocity field nonlinear in x and t (so every rule above first order shows), recording each t it sees."""
+
+    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if calls is not None:
+            calls.append(float(t[0]))
+        tt = t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        return torch.sin(x) * (1 + tt * tt) - 0.3 * tt
+
+    return v
+
+
+@pytest.mark.parametrize("name", NEVER_AT_ZERO)
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_samplers_reach_a_fixed_x0_exactly(name, shift):
     g = _gen(0)
@@ -47,26 +75,91 @@ def test_samplers_reach_a_fixed_x0_exactly(name, shift):
     assert (out - x0).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_deterministic_samplers_follow_a_straight_path_exactly(name):
+    """v = eps - x0 everywhere (one straight path, defined at t = 0 too): any of them lands on x0 from eps."""
+    g = _gen(9)
+    x0, eps = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    out = SAMPLERS[name](lambda x, t: eps - x0, eps, make_timesteps(7, shift=2.0))
+    assert _close(out, x0)
+
+
+def test_source_euler_rule_by_hand():
+    """Source: t_i = linspace(1, 1/N, N), dt = 1/N, x <- x - v·dt."""
+    n, x = 6, torch.randn(2, 3, 4, generator=_gen(10), dtype=torch.float64)
+    calls: list[float] = []
+    out = euler(_stand_in(calls), x, make_timesteps(n))
+    ref, dt = x.clone(), 1.0 / n
+    for t in torch.linspace(1, 1 / n, n, dtype=torch.float64).tolist():
+        ref = ref - _stand_in()(ref, torch.full((2,), t, dtype=torch.float64)) * dt
+    assert _close(out, ref, 1e-12)
+    assert calls == pytest.approx(torch.linspace(1, 1 / n, n).tolist())  # never t = 0
+
+
+def test_source_heun_rule_by_hand_corrects_the_last_step_too():
+    """Source: v1 = v(x, t); x~ = x - v1·dt; v2 = v(x~, t - dt); x <- x - dt/2·(v1 + v2), on every step."""
+    n, x = 5, torch.randn(2, 3, 4, generator=_gen(11), dtype=torch.float64)
+    calls: list[float] = []
+    out = heun(_stand_in(calls), x, make_timesteps(n))
+    ref, dt, v = x.clone(), 1.0 / n, _stand_in()
+    for t in torch.linspace(1, 1 / n, n, dtype=torch.float64).tolist():
+        tb = torch.full((2,), t, dtype=torch.float64)
+        v1 = v(ref, tb)
+        v2 = v(ref - v1 * dt, tb - dt)
+        ref = ref - dt / 2 * (v1 + v2)
+    assert _close(out, ref, 1e-12)
+    assert len(calls) == 2 * n and calls[-1] == 0.0  # 2N evaluations, the last at t = 0
+    # The EDM variant differs exactly by its Euler last step: one call fewer, another result.
+    edm_calls: list[float] = []
+    edm = SAMPLERS["heun_edm"](_stand_in(edm_calls), x, make_timesteps(n))
+    assert len(edm_calls) == 2 * n - 1 and min(edm_calls) > 0 and not _close(edm, out, 1e-6)
+
+
+def test_source_euler_stochastic_rule_by_hand():
+    """Source: sigma(t) = t(1-t)/(1-t+0.008) at the current t; x <- x - v·dt + sigma·z·sqrt(dt), z from generator."""
+    n, x = 8, torch.randn(2, 3, 4, generator=_gen(12), dtype=torch.float64)
+    out = euler_stochastic(_stand_in(), x, make_timesteps(n), generator=_gen(13))
+    ref, dt, g = x.clone(), 1.0 / n, _gen(13)
+    for t in torch.linspace(1, 1 / n, n, dtype=torch.float64).tolist():
+        z = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+        sigma = t * (1 - t) / (1 - t + 0.008)
+        ref = ref - _stand_in()(ref, torch.full((2,), t, dtype=torch.float64)) * dt + sigma * z * math.sqrt(dt)
+    assert _close(out, ref, 1e-12)
+    assert source_sigma(1.0) == 0.0 and source_sigma(0.0) == 0.0
+    assert source_sigma(0.5) == pytest.approx(0.25 / 0.508)
+
+
 def test_samplers_match_a_gaussian_target():
-    """Deterministic samplers push N(0, 1) onto N(MU, S²); Heun (2nd order) much closer than Euler."""
+    """Deterministic samplers push N(0, 1) onto N(MU, S²); both Heuns (2nd order) much closer than Euler."""
     # 16384 values: below torch's intra-op grain size, so the test runs single-threaded on a busy machine.
     x = torch.randn(1024, 16, generator=_gen(1), dtype=torch.float64)
     ts = make_timesteps(50)
-    out_euler = SAMPLERS["euler"](_gaussian_velocity, x, ts)
-    out_heun = SAMPLERS["heun"](_gaussian_velocity, x, ts)
-    # Both are deterministic linear maps here, so the mean error is just the sample mean of x (~0.004).
-    for out in (out_euler, out_heun):
+    outs = {name: SAMPLERS[name](_gaussian_velocity, x, ts) for name in DETERMINISTIC}
+    # All are deterministic linear maps here, so the mean error is just the sample mean of x (~0.004).
+    for out in outs.values():
         assert out.mean().item() == pytest.approx(MU, abs=0.01)
-    heun_err = abs(out_heun.std().item() / S - 1)
-    euler_err = abs(out_euler.std().item() / S - 1)
-    assert heun_err < 0.01 < euler_err < 0.05
+    err = {name: abs(out.std().item() / S - 1) for name, out in outs.items()}
+    assert err["heun"] < 0.01 and err["heun_edm"] < 0.01 < err["euler"] < 0.05
 
 
-def test_euler_stochastic_matches_a_gaussian_target_within_sampling_error():
-    """The tolerance stated in euler_stochastic's docstring: 200 steps, eta = 1, 16384 values."""
+def test_source_euler_stochastic_inflates_the_variance_as_documented():
+    """No score correction for its noise: on the Gaussian target the std is ~1.25x too large (its docstring)."""
     g = _gen(2)
     x = torch.randn(1024, 16, generator=g, dtype=torch.float64)
-    out = euler_stochastic(_gaussian_velocity, x, make_timesteps(200), generator=g, eta=1.0)
+    out = euler_stochastic(_gaussian_velocity, x, make_timesteps(50), generator=g)
+    assert abs(out.mean().item() - MU) < 0.02
+    assert 1.15 < out.std().item() / S < 1.35
+    a = euler_stochastic(_gaussian_velocity, x[:4], make_timesteps(8), generator=_gen(4))
+    b = euler_stochastic(_gaussian_velocity, x[:4], make_timesteps(8), generator=_gen(4))
+    c = euler_stochastic(_gaussian_velocity, x[:4], make_timesteps(8), generator=_gen(5))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_euler_ancestral_matches_a_gaussian_target_within_sampling_error():
+    """The tolerance stated in euler_ancestral's docstring: 200 steps, eta = 1, 16384 values."""
+    g = _gen(2)
+    x = torch.randn(1024, 16, generator=g, dtype=torch.float64)
+    out = euler_ancestral(_gaussian_velocity, x, make_timesteps(200), generator=g, eta=1.0)
     se = S / out.numel() ** 0.5
     assert abs(out.mean().item() - MU) < 5 * se
     assert abs(out.std().item() / S - 1) < 0.05
@@ -75,18 +168,18 @@ def test_euler_stochastic_matches_a_gaussian_target_within_sampling_error():
     assert (out - det).std().item() > 0.2 * S
 
 
-def test_euler_stochastic_replays_with_a_generator_and_reduces_to_euler():
+def test_euler_ancestral_replays_with_a_generator_and_reduces_to_euler():
     x0 = torch.zeros(2, 3, 4, 4)
     field = _gaussian_velocity
     x = torch.randn(2, 3, 4, 4, generator=_gen(3))
     ts = make_timesteps(8)
-    a = euler_stochastic(field, x, ts, generator=_gen(4))
-    b = euler_stochastic(field, x, ts, generator=_gen(4))
-    c = euler_stochastic(field, x, ts, generator=_gen(5))
+    a = euler_ancestral(field, x, ts, generator=_gen(4))
+    b = euler_ancestral(field, x, ts, generator=_gen(4))
+    c = euler_ancestral(field, x, ts, generator=_gen(5))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert _close(euler_stochastic(field, x, ts, eta=0.0), euler(field, x, ts))
+    assert _close(euler_ancestral(field, x, ts, eta=0.0), euler(field, x, ts))
     with pytest.raises(ValueError, match="eta"):
-        euler_stochastic(_towards(x0), x, ts, eta=1.5)
+        euler_ancestral(_towards(x0), x, ts, eta=1.5)
 
 
 def test_make_timesteps_and_shift():
@@ -96,18 +189,33 @@ def test_make_timesteps_and_shift():
     assert shifted[0].item() == 1.0 and shifted[-1].item() == 0.0
     assert shifted[2].item() == pytest.approx(0.75)  # 3·0.5 / (1 + 2·0.5)
     assert bool((shifted[1:-1] > ts[1:-1]).all())  # more time at high noise
+    assert torch.equal(make_timesteps(7, shift=1.0), make_timesteps(7))
     with pytest.raises(ValueError, match="num_steps"):
         make_timesteps(0)
+
+
+def test_enter_timesteps_for_image_to_image():
+    assert enter_timesteps(10, 0.6).tolist() == pytest.approx([0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    assert torch.equal(enter_timesteps(4, 1.0), make_timesteps(4))
+    assert enter_timesteps(4, 0.0).tolist() == [0.0]
+    # Between grid points: the first step is the short one, the rest are the full run's.
+    assert enter_timesteps(4, 0.6).tolist() == [0.6, 0.5, 0.25, 0.0]
+    shifted = enter_timesteps(4, 0.6, shift=3.0)
+    assert shifted[0].item() == 0.6 and torch.equal(shifted[1:], make_timesteps(4, 3.0)[3:])
+    with pytest.raises(ValueError, match="strength"):
+        enter_timesteps(4, 1.5)
 
 
 def test_samplers_share_one_signature_and_call_back_every_step():
     x0 = torch.ones(2, 4, 4, 4)
     noise = torch.randn(2, 4, 4, 4, generator=_gen(6))
     for name, fn in SAMPLERS.items():
-        seen = []
-        fn(_towards(x0), noise, make_timesteps(5), generator=_gen(0), callback=lambda info: seen.append(info))
+        seen: list[dict] = []
+        fn(lambda x, t: noise - x0, noise, make_timesteps(5), generator=_gen(0), callback=seen.append)
         assert [s["i"] for s in seen] == [0, 1, 2, 3, 4], name
-        assert seen[-1]["t_next"] == 0.0 and torch.allclose(seen[-1]["x0"], x0, atol=1e-4), name
+        assert seen[-1]["t_next"] == 0.0, name
+        if name in DETERMINISTIC:
+            assert torch.allclose(seen[-1]["x0"], x0, atol=1e-4), name
         with pytest.raises(ValueError, match="decrease"):
             fn(_towards(x0), noise, torch.tensor([0.0, 0.5, 1.0]))
 
