@@ -97,6 +97,19 @@ class EncodersConfig:
     # torch CPU threads set by the Conditioner when it runs on cpu; 0 = torch's default. On a shared CPU one thread
     # per process avoids OpenMP threads spinning against each other (`sd3 bench loader`: 426 vs 15 images/s).
     cpu_threads: int = 0
+    # Encode a step's captions in length-sorted micro-batches padded only to each micro-batch's longest caption,
+    # then place them into the fixed (B, 2T, D) layout (padding zero, as untrimmed). Exact: Gemma is causal and
+    # ModernBERT and CLIP mask padding, so real tokens never see the padding (tests/encoders/test_trim.py); on by
+    # default because it only removes work. False: one forward per encoder over the whole step, padded to its longest.
+    trim_text: bool = True
+    # Captions per text-encoder forward when trim_text: 64 x ~60 tokens keeps GPU GEMMs large.
+    text_micro_batch: int = 64
+    # The VAE encodes a step's images in micro-batches of vae_micro_batch images (0 = as many as fit in
+    # vae_memory_gb of activations by sd3.encoders.vae.activation_bytes, so 1024 px steps do not run out of memory).
+    vae_micro_batch: int = 0
+    vae_memory_gb: float = 8.0  # activation budget of one VAE encoder forward (0 = no bound: the whole step at once)
+    vae_channels_last: bool = True  # NHWC convolutions (cuDNN's fast layout for bf16/fp16)
+    vae_compile: bool = False  # torch.compile the VAE encoder (dynamic shapes: one graph for every bucket)
 
 
 @dataclass
