@@ -75,6 +75,11 @@ class BatchProducer:
         batch = self.conditioner(raw, generator)  # a step whose rows were all bad gives an empty batch of its bucket
         return batch, {"decode": self.decode_s, **self.conditioner.timings}, dict(self.skipped)
 
+    @property
+    def peak_memory_bytes(self) -> int:
+        """The encoders' peak memory during the last step: see Conditioner.peak_memory_bytes / memory_source."""
+        return self.conditioner.peak_memory_bytes
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.rows.close()
