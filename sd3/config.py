@@ -79,6 +79,11 @@ class DataConfig:
     drop_article_prob: float = 0.5  # drop a leading "A "/"An "
     strip_punctuation_prob: float = 0.5  # strip a trailing punctuation mark
     decode_threads: int = 4  # threads decoding images on a loader rank
+    # Folder of the VAE posterior cache written by `sd3 cache --only vae` (sd3/data/latents.py). Set, the producer
+    # (loader rank, or a colocated model rank) reads each image's posterior instead of decoding and VAE-encoding it,
+    # and draws the latent with the step's generator; captions stay online. "" = encode images online.
+    # topology.mode=hybrid requires it.
+    latent_cache: str = ""
 
 
 @dataclass
@@ -116,7 +121,9 @@ class EncodersConfig:
 class TopologyConfig:
     """Which ranks load data and which train (ARCHITECTURE §6)."""
 
-    mode: str = "loader"  # loader (dedicated loader ranks) | colocated | cached
+    # loader (dedicated loader ranks) | hybrid (loader ranks reading VAE posteriors from data.latent_cache)
+    # | colocated | cached
+    mode: str = "loader"
     # Global rank of each loader -> global ranks of its model ranks. TOML keys are strings: {"0" = [2, 3, 4]}.
     # Empty: derived per node from loaders_per_node and models_per_loader.
     loader_to_model: dict[str, list[int]] = field(default_factory=dict)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from sd3.config import Config, ConfigError, TopologyConfig
 
-MODES = ("loader", "colocated", "cached")
+MODES = ("loader", "hybrid", "colocated", "cached")
 BACKENDS = ("auto", "nccl", "gloo")
 
 
@@ -101,7 +101,7 @@ class Topology:
             raise TopologyError(f"topology.max_in_flight must be >= 1, got {cfg.max_in_flight}")
         if cfg.timeout_minutes <= 0:
             raise TopologyError(f"topology.timeout_minutes must be > 0, got {cfg.timeout_minutes}")
-        if cfg.mode != "loader":
+        if cfg.mode not in ("loader", "hybrid"):  # hybrid: loader ranks as in loader mode, reading data.latent_cache
             return Topology(role="model", loader_to_model={}, model_ranks=list(range(world_size)), my_loader=None,
                             consumers=[], loader_index=rank, num_loaders=world_size, **common)
 

@@ -60,7 +60,11 @@ class Conditioner:
             torch.cuda.reset_peak_memory_stats(self.device)
         context, pooled = self.text.encode(list(raw.captions), self.timings)  # (B, 2T, D), (B, P)
         with timed(self.timings, "vae", self.device):
-            latents = self.vae.encode(raw.images, generator)  # (B, C, H/8, W/8)
+            if raw.posterior is not None:  # data.latent_cache: the posterior was computed once, draw from it
+                mean, std = raw.posterior.to(self.device, self.vae.dtype).unbind(1)  # (B, C, h, w) x 2
+                latents = self.vae.sample(mean, std, generator)  # (B, C, H/8, W/8)
+            else:
+                latents = self.vae.encode(raw.images, generator)  # (B, C, H/8, W/8)
         row_ids = torch.as_tensor(np.asarray(raw.row_ids, dtype=np.int64)).to(self.device)  # (B,)
         self.peak_memory_bytes = peak_memory_bytes(self.device)
         dtype = self.batch_dtype

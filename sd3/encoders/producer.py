@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from sd3.batch import Batch
-from sd3.config import Config
+from sd3.config import Config, ConfigError
 
 
 def build_sampler(cfg: Config, loader_index: int, num_loaders: int, global_batch: int):
@@ -44,11 +44,21 @@ class BatchProducer:
     def __init__(self, cfg: Config, global_batch: int, loader_index: int, num_loaders: int,
                  device: torch.device | str):
         from sd3.data.batches import RowLoader, empty_counts
+        from sd3.data.latents import LatentCacheReader
+        from sd3.data.shards import ShardReader
         from sd3.encoders.conditioner import Conditioner
 
+        if cfg.topology.mode == "hybrid" and not cfg.data.latent_cache:
+            raise ConfigError("topology.mode=hybrid needs data.latent_cache (a folder `sd3 cache --only vae` wrote)")
         self.index, self.sampler = build_sampler(cfg, loader_index, num_loaders, global_batch)
-        self.rows = RowLoader(cfg.data.parquet_folder, cfg.data, row_counts=self.index.manifest["rows"])
         self.conditioner = Conditioner(cfg, device)
+        latents = None
+        if cfg.data.latent_cache:
+            shards = ShardReader(cfg.data.parquet_folder, row_counts=self.index.manifest["rows"])
+            latents = LatentCacheReader(cfg.data.latent_cache, shards)
+            latents.check_vae(self.conditioner.vae)
+        self.rows = RowLoader(cfg.data.parquet_folder, cfg.data, row_counts=self.index.manifest["rows"],
+                              latents=latents)
         self.decode_s = 0.0
         self.skipped = empty_counts()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="loader-decode")

@@ -147,7 +147,7 @@ class RemoteSource:
 def build_source(cfg: Config, topology, device: torch.device, start_step: int) -> BatchSource:
     """The source for cfg.topology.mode on a model rank."""
     mode = cfg.topology.mode
-    if mode == "loader":
+    if mode in ("loader", "hybrid"):
         return RemoteSource(topology, start_step)
     if mode == "colocated":
         # The encoders share this rank's device, unless encoders.device=cpu keeps them off the GPU (to save memory).
