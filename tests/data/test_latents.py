@@ -132,3 +132,24 @@ def test_latent_cache_run_resumes_exactly(latent_cache, tiny_models, shapes_phas
     a, b = losses(straight), losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]
+
+
+def test_bad_images_keep_their_skip_reason(tiny_models, tmp_path):
+    """A row whose image was unusable at cache time is skipped with that reason, as online decoding counts it."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from sd3.data.shards import write_table
+
+    png = io.BytesIO()
+    Image.new("RGB", (32, 16), (200, 10, 10)).save(png, format="PNG")
+    table = pa.table({"image": [png.getvalue(), b"not an image", None], "recaption": ["a", "b", "c"],
+                      "recaption_short": ["a", "b", "c"]})
+    write_table(tmp_path / "data" / "000.parquet", table)
+    reader = ShardReader(tmp_path / "data")
+    vae = LatentVAE.load(str(tiny_models.root / "flux"), "vae", "cpu", "fp32", with_decoder=False)
+    assert LatentCacheWriter(tmp_path / "cache", reader).write_all(vae) == ["000.parquet"]
+    posterior, reasons = LatentCacheReader(tmp_path / "cache", reader).lookup(np.array([0, 1, 2]), 16, 32)
+    assert reasons == [None, "decode_error", "empty_image"] and posterior.shape == (1, 2, 16, 2, 4)
