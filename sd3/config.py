@@ -84,6 +84,11 @@ class DataConfig:
     drop_article_prob: float = 0.5  # drop a leading "A "/"An "
     strip_punctuation_prob: float = 0.5  # strip a trailing punctuation mark
     decode_threads: int = 4  # threads decoding images on a loader rank
+    # Folder of the VAE posterior cache written by `sd3 cache --only vae` (sd3/data/latents.py). Set, the producer
+    # (loader rank, or a colocated model rank) reads each image's posterior instead of decoding and VAE-encoding it,
+    # and draws the latent with the step's generator; captions stay online. "" = encode images online.
+    # topology.mode=hybrid requires it.
+    latent_cache: str = ""
 
 
 @dataclass
@@ -105,13 +110,32 @@ class EncodersConfig:
     # Latent normalisation: diffusers' (z - shift)·scale, or the source's z·scale + shift (a converted source
     # checkpoint was trained on the latter, SEED_SPEC §g item 5).
     latent_norm: Literal["diffusers", "seed"] = "diffusers"
+    # Encode a step's captions in length-sorted micro-batches padded only to each micro-batch's longest caption,
+    # then place them into the fixed (B, 2T, D) layout (padding zero, as untrimmed). Exact: Gemma is causal and
+    # ModernBERT and CLIP mask padding, so real tokens never see the padding (tests/encoders/test_trim.py); on by
+    # default because it only removes work. False: one forward per encoder over the whole step, padded to its longest.
+    trim_text: bool = True
+    # Captions per text-encoder forward when trim_text: 64 x ~60 tokens keeps GPU GEMMs large.
+    text_micro_batch: int = 64
+    # The VAE encodes a step's images in micro-batches of vae_micro_batch images (0 = as many as fit in
+    # vae_memory_gb of activations by sd3.encoders.vae.activation_bytes, so 1024 px steps do not run out of memory).
+    vae_micro_batch: int = 0
+    vae_memory_gb: float = 8.0  # activation budget of one VAE encoder forward (0 = no bound: the whole step at once)
+    vae_channels_last: bool = True  # NHWC convolutions (cuDNN's fast layout for bf16/fp16)
+    vae_compile: bool = False  # torch.compile the VAE encoder (dynamic shapes: one graph for every bucket)
+
+
+# Modes with dedicated loader ranks (hybrid: they read the cached VAE posterior instead of running the VAE).
+LOADER_MODES = ("loader", "hybrid")
 
 
 @dataclass
 class TopologyConfig:
     """Which ranks load data and which train (ARCHITECTURE §6)."""
 
-    mode: Literal["loader", "colocated", "cached"] = "loader"  # loader: dedicated loader ranks
+    # loader (dedicated loader ranks) | hybrid (loader ranks reading VAE posteriors from data.latent_cache)
+    # | colocated | cached
+    mode: Literal["loader", "hybrid", "colocated", "cached"] = "loader"
     # Global rank of each loader -> global ranks of its model ranks. TOML keys are strings: {"0" = [2, 3, 4]}.
     # Empty: derived per node from loaders_per_node and models_per_loader.
     loader_to_model: dict[str, list[int]] = field(default_factory=dict)

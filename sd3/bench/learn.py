@@ -68,7 +68,8 @@ def validation_losses(pipe, samples: list, seed: int) -> dict[str, float]:
     from sd3.train.flow import draw_path, velocity_loss
 
     enc = pipe.cfg.encoders
-    vae = LatentVAE.load(enc.vae, enc.vae_subfolder, pipe.device, enc.vae_dtype, with_decoder=False)
+    vae = LatentVAE.load(enc.vae, enc.vae_subfolder, pipe.device, enc.vae_dtype, with_decoder=False,
+                         latent_norm=enc.latent_norm)
     rng = np.random.default_rng(seed)
     # Captions as training sees them: long or short at random, then cleaned (sd3/data/batches.py).
     captions = [clean_caption(s.recaption if rng.random() < 0.5 else s.recaption_short, rng) for s in samples]

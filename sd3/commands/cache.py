@@ -1,4 +1,8 @@
-"""`sd3 cache --config PRESET [--loaders N] [--section.key=value ...]`: encode the shards once for mode=cached.
+"""`sd3 cache --config PRESET [--loaders N] [--only vae] [--section.key=value ...]`: encode the shards once.
+
+`--only vae` writes the VAE posterior of every image into data.latent_cache (format: sd3/data/latents.py), one
+file per data shard, skipping shards already cached: the cache of hybrid mode / colocated runs with
+data.latent_cache, where captions stay online. It runs in one process. Without it, the rest of this docstring:
 
 Walks epoch 0 of the bucket sampler of each of N loaders (the loader count of the training run that will read
 the cache: 1 for a single process, the world size for colocated/cached under torchrun) and writes each step's
@@ -16,6 +20,7 @@ from tqdm import tqdm
 
 from sd3.config import Config
 from sd3.config_loader import load_config
+from sd3.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=0,
                         help="cache only the first STEPS sampler steps of each loader (default 0: one epoch); "
                              "rows left out are skipped as not_cached when training")
+    parser.add_argument("--only", choices=("all", "vae"), default="all",
+                        help="vae: cache only the VAE posteriors into data.latent_cache (incremental, per shard)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -32,7 +39,31 @@ def main(args: argparse.Namespace) -> int:
     if args.loaders < 1:
         print("sd3 cache: error: --loaders must be >= 1", file=sys.stderr)
         return 2
+    if args.only == "vae":
+        return build_latent_cache(cfg)
     return build_cache(cfg, args.loaders, args.steps)
+
+
+def build_latent_cache(cfg: Config) -> int:
+    """Cache the VAE posterior of every shard of data.parquet_folder not yet in data.latent_cache."""
+    from sd3.commands.train import runtime_settings
+    from sd3.data.latents import LatentCacheWriter
+    from sd3.data.shards import ShardReader
+    from sd3.encoders.vae import LatentVAE
+
+    if not cfg.data.latent_cache:
+        raise ConfigError("sd3 cache --only vae writes into data.latent_cache: pass --data.latent_cache=FOLDER")
+    enc = cfg.encoders
+    with runtime_settings(cfg.train):
+        vae = LatentVAE.load(enc.vae, enc.vae_subfolder, enc.device, enc.vae_dtype, with_decoder=False,
+                             micro_batch=enc.vae_micro_batch, memory_gb=enc.vae_memory_gb,
+                             channels_last=enc.vae_channels_last, compile=enc.vae_compile,
+                             latent_norm=enc.latent_norm)
+        writer = LatentCacheWriter(cfg.data.latent_cache, ShardReader(cfg.data.parquet_folder))
+        written = writer.write_all(vae, progress=True)
+    print(f"sd3 cache: {len(written)} new shards cached in {cfg.data.latent_cache} "
+          f"({len(writer.reader.paths) - len(written)} already there)", flush=True)
+    return 0
 
 
 def build_cache(cfg: Config, num_loaders: int, max_steps: int = 0) -> int:
@@ -89,8 +120,8 @@ def write_cache(cfg: Config, num_loaders: int, max_steps: int) -> int:
                 "batch_dtype": cfg.encoders.batch_dtype,
                 "skipped_rows_this_run": skipped,
             })
-            print(f"sd3 cache: {manifest['rows_cached']} rows in {manifest['files']} files in {cfg.topology.cache_folder} "
-                  f"(skipped this run: {skipped})", flush=True)
+            print(f"sd3 cache: {manifest['rows_cached']} rows in {manifest['files']} files in "
+                  f"{cfg.topology.cache_folder} (skipped this run: {skipped})", flush=True)
         return 0
     finally:
         if world > 1:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,9 @@ from sd3.data.images import BadImage, decode_image, to_array
 from sd3.data.sampler import PURPOSE_CAPTIONS, SamplerBatch
 from sd3.data.shards import ShardReader, ShardReadError, image_values, text_values
 
+if TYPE_CHECKING:
+    from sd3.data.latents import LatentCacheReader
+
 SKIP_REASONS = (
     "empty_image",  # None or zero bytes
     "decode_error",  # not an image / corrupt
@@ -36,7 +40,9 @@ SKIP_REASONS = (
     "size_mismatch",  # decoded size differs from the row's bucket
     "bad_caption",  # the chosen caption is None, empty, not text or not UTF-8
     "read_error",  # the row's shard or row group is damaged and cannot be read
+    "not_cached",  # a sampled row missing from the cache (topology.mode=cached, or data.latent_cache)
 )
+SKIP_NOT_CACHED = "not_cached"
 MIN_SIDE = 8  # pixels; no bucket is smaller than one patch
 
 log = logging.getLogger(__name__)
@@ -52,7 +58,7 @@ def skip_vector(counts: dict[str, int]) -> list[int]:
 
 
 def skip_dict(vector: Sequence[int]) -> dict[str, int]:
-    return {r: int(v) for r, v in zip(SKIP_REASONS, vector)}
+    return {r: int(v) for r, v in zip(SKIP_REASONS, vector, strict=True)}
 
 
 @dataclass
@@ -61,9 +67,11 @@ class RawBatch:
 
     images: (B, 3, height, width) float32 in [-1, 1]; captions: B cleaned captions; row_ids: (B,) int64 global
     row ids; skipped: rows of this step dropped, by reason. B can be smaller than the sampler batch, even 0.
+    With a latent cache (data.latent_cache) images are not decoded: images is (B, 0, H, W) and posterior holds
+    the cached VAE posterior (B, 2, C, H/8, W/8), mean and std, in bf16.
     """
 
-    images: torch.Tensor  # (B, 3, H, W)
+    images: torch.Tensor  # (B, 3, H, W), or (B, 0, H, W) with a posterior
     captions: list[str]
     row_ids: np.ndarray  # (B,)
     skipped: dict[str, int]
@@ -72,6 +80,7 @@ class RawBatch:
     height: int = 0
     width: int = 0
     long_captions: bool = True  # which caption column this batch used
+    posterior: torch.Tensor | None = None  # (B, 2, C, h, w) from data.latent_cache, else None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -93,16 +102,38 @@ def _decode(data: bytes | None, height: int, width: int) -> _Decoded:
     return _Decoded(pixels=to_array(img))
 
 
+def decode_row(data: bytes | None) -> tuple[np.ndarray | None, str | None]:
+    """((H, W, 3) uint8, None) for a usable image of any size, else (None, its SKIP_REASONS reason)."""
+    try:
+        return to_array(decode_image(data, min_side=MIN_SIDE)), None
+    except BadImage as e:
+        return None, e.reason
+
+
+def to_unit_range(pixels: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
+    # numpy, not torch: this runs beside the encoders, and torch's intra-op threads would contend with them.
+    channels_first = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))  # (B, 3, H, W) uint8
+    scaled = channels_first.astype(np.float32)
+    scaled /= 127.5  # exact at 0 and 255: the range is exactly [-1, 1]
+    scaled -= 1.0
+    return torch.from_numpy(scaled)
+
+
 class RowLoader:
     """Turns SamplerBatches into RawBatches for one shard folder.
 
     folder: the phase shard folder; data_cfg: the [data] settings (caption probabilities, decode_threads);
     row_counts: rows per shard if known (BucketIndex.manifest["rows"]), saving a read of every footer.
+    latents: a LatentCacheReader of data.latent_cache over the same folder; given, images are not read or
+    decoded, the rows' cached VAE posteriors are looked up instead (sd3/data/latents.py).
     `counters` accumulates skipped rows by reason over the loader's life.
     """
 
-    def __init__(self, folder: str | Path, data_cfg: DataConfig, row_counts: Sequence[int] | None = None):
-        self.reader = ShardReader(folder, row_counts=row_counts)
+    def __init__(self, folder: str | Path, data_cfg: DataConfig, row_counts: Sequence[int] | None = None,
+                 latents: LatentCacheReader | None = None):
+        self.reader = latents.reader if latents is not None else ShardReader(folder, row_counts=row_counts)
+        self.latents = latents
         self.cfg = data_cfg
         self.counters = empty_counts()
         self._pool = ThreadPoolExecutor(data_cfg.decode_threads) if data_cfg.decode_threads > 1 else None
@@ -143,7 +174,8 @@ class RowLoader:
         use_long = choose_long(rng, self.cfg.long_caption_prob)
         caption_column = "recaption" if use_long else "recaption_short"
         row_ids = np.asarray(batch.row_ids, dtype=np.int64)
-        table, readable = self._read(row_ids, ["image", caption_column])
+        columns = [caption_column] if self.latents is not None else ["image", caption_column]
+        table, readable = self._read(row_ids, columns)
         row_ids = row_ids[readable]
         skipped = empty_counts()
         skipped["read_error"] = int((~readable).sum())
@@ -155,11 +187,13 @@ class RowLoader:
                 text = clean_caption(text, rng, self.cfg.drop_article_prob, self.cfg.strip_punctuation_prob)
             captions.append(text)
 
-        images = image_values(table.column("image"))
         todo = [i for i, c in enumerate(captions) if c is not None]
         skipped["bad_caption"] = len(captions) - len(todo)
-        work = [images[i] for i in todo]
         h, w = batch.height, batch.width
+        if self.latents is not None:
+            return self._from_cache(batch, row_ids, captions, todo, skipped, use_long)
+        images = image_values(table.column("image"))
+        work = [images[i] for i in todo]
         if self._pool is not None:
             decoded = list(self._pool.map(_decode, work, [h] * len(work), [w] * len(work)))
         else:
@@ -167,7 +201,7 @@ class RowLoader:
 
         keep: list[int] = []
         pixels: list[np.ndarray] = []
-        for i, d in zip(todo, decoded):
+        for i, d in zip(todo, decoded, strict=True):
             if d.reason is not None:
                 skipped[d.reason] += 1
             else:
@@ -177,12 +211,7 @@ class RowLoader:
             self.counters[reason] += n
 
         if pixels:
-            # numpy, not torch: this runs beside the encoders, and torch's intra-op threads would contend with them.
-            channels_first = np.ascontiguousarray(np.stack(pixels).transpose(0, 3, 1, 2))  # (B, 3, H, W) uint8
-            scaled = channels_first.astype(np.float32)
-            scaled /= 127.5  # exact at 0 and 255: the range is exactly [-1, 1]
-            scaled -= 1.0
-            images_t = torch.from_numpy(scaled)  # (B, 3, H, W) in [-1, 1]
+            images_t = to_unit_range(np.stack(pixels))  # (B, 3, H, W) in [-1, 1]
         else:
             images_t = torch.empty((0, 3, h, w), dtype=torch.float32)
         return RawBatch(
@@ -195,4 +224,27 @@ class RowLoader:
             height=h,
             width=w,
             long_captions=use_long,
+        )
+
+    def _from_cache(self, batch: SamplerBatch, row_ids: np.ndarray, captions: list[str | None], todo: list[int],
+                    skipped: dict[str, int], use_long: bool) -> RawBatch:
+        """The rows with a caption and a cached posterior; the others counted as online decoding would count them."""
+        posterior, reasons = self.latents.lookup(row_ids[todo], batch.height, batch.width)  # (B, 2, C, h, w)
+        keep = [i for i, reason in zip(todo, reasons, strict=True) if reason is None]
+        for reason in reasons:
+            if reason is not None:
+                skipped[reason] += 1
+        for reason, n in skipped.items():
+            self.counters[reason] += n
+        return RawBatch(
+            images=torch.empty((len(keep), 0, batch.height, batch.width)),
+            captions=[captions[i] for i in keep],
+            row_ids=row_ids[keep],
+            skipped=skipped,
+            step=batch.step,
+            seed_for_step=batch.seed_for_step,
+            height=batch.height,
+            width=batch.width,
+            long_captions=use_long,
+            posterior=posterior,
         )

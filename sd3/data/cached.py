@@ -11,9 +11,9 @@ training reads tensors instead of running encoders. Layout of a cache folder:
 Why per sampler step: the cache run walks exactly the batches a colocated run's first epoch would see and
 encodes each one with the generator seeded by that step's seed_for_step (the caption choice and the VAE
 posterior sample), so a cached run reproduces a colocated run's epoch 0 bit for bit (on the same device
-and CPU thread count — `sd3 cache` applies train.num_threads — since kernels' last bits depend on both). Later epochs draw other
-row combinations; their rows are looked up by id and keep the caption and VAE sample of their epoch-0 encoding
-— the one fixed encoding per image that precomputing implies.
+and CPU thread count — `sd3 cache` applies train.num_threads — since kernels' last bits depend on both).
+Later epochs draw other row combinations; their rows are looked up by id and keep the caption and VAE sample of
+their epoch-0 encoding — the one fixed encoding per image that precomputing implies.
 
 Files are written under a temporary name and renamed, so an interrupted `sd3 cache` resumes where it stopped;
 rows.npz and manifest.json are written last and mark the cache complete.
@@ -32,11 +32,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sd3.batch import Batch
+from sd3.data.batches import SKIP_NOT_CACHED
 
 MANIFEST = "manifest.json"
 ROWS = "rows.npz"
 CACHE_VERSION = 1
-SKIP_NOT_CACHED = "not_cached"  # a sampled row missing from the cache (bad at cache time, or a newer index)
 
 
 def step_file(loader_index: int, step: int) -> str:
@@ -106,7 +106,8 @@ class CacheReader:
             raise FileNotFoundError(f"cache {self.folder} is missing or incomplete: run `sd3 cache` first")
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("version") != CACHE_VERSION:
-            raise ValueError(f"cache {self.folder}: format {self.manifest.get('version')}, expected {CACHE_VERSION}; re-run `sd3 cache`")
+            raise ValueError(f"cache {self.folder}: format {self.manifest.get('version')}, expected {CACHE_VERSION}; "
+                             "re-run `sd3 cache`")
         with np.load(self.folder / ROWS, allow_pickle=False) as z:
             self.row_ids = z["row_ids"]
             self.file_of = z["file_index"]
@@ -152,7 +153,8 @@ class CacheReader:
             order.append(where)
         # Back to the sampler's order: files were visited one by one.
         inverse = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"), dtype=torch.int64)
-        return Batch(*[torch.cat(parts[name]).index_select(0, inverse) for name in ("latents", "context", "pooled", "row_ids")])
+        names = ("latents", "context", "pooled", "row_ids")
+        return Batch(*[torch.cat(parts[name]).index_select(0, inverse) for name in names])
 
     def close(self) -> None:
         pass

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from sd3.config import Config, TopologyConfig
+from sd3.config import LOADER_MODES, Config, TopologyConfig
 from sd3.distributed.heartbeat import Heartbeat, close_heartbeats
 from sd3.distributed.p2p import warm_up
 from sd3.errors import ConfigError
@@ -110,7 +110,7 @@ class Topology:
             raise TopologyError(f"topology.max_in_flight must be >= 1, got {cfg.max_in_flight}")
         if cfg.timeout_minutes <= 0:
             raise TopologyError(f"topology.timeout_minutes must be > 0, got {cfg.timeout_minutes}")
-        if cfg.mode != "loader":
+        if cfg.mode not in LOADER_MODES:  # hybrid: loader ranks as in loader mode, reading data.latent_cache
             return Topology(role="model", loader_to_model={}, model_ranks=list(range(world_size)), my_loader=None,
                             consumers=[], loader_index=rank, num_loaders=world_size, **common)
 
@@ -231,7 +231,7 @@ def init_distributed(cfg: Config) -> Topology:
     # gloo moves CPU tensors only; NCCL moves device tensors only.
     topo.transport_device = topo.device if backend == "nccl" else torch.device("cpu")
 
-    if world_size == 1 and topo.mode != "loader":
+    if world_size == 1 and topo.mode not in LOADER_MODES:
         return topo
     timeout = process_group_timeout(topo.timeout_s)
     # The store is made here (torchrun's env:// rendezvous, the agent's store under torchrun) and kept, so the
@@ -243,7 +243,7 @@ def init_distributed(cfg: Config) -> Topology:
     device_id = topo.device if backend == "nccl" else None
     dist.init_process_group(backend=backend, store=dist.PrefixStore("default_pg", store), timeout=timeout,
                             world_size=world_size, rank=rank, device_id=device_id)
-    if topo.mode == "loader":
+    if topo.mode in LOADER_MODES:
         # new_group is collective over the default group: every rank calls it, loaders included.
         group = dist.new_group(topo.model_ranks, timeout=timeout)
         topo.model_group = group if topo.is_model else None

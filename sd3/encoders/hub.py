@@ -61,7 +61,8 @@ def quiet_loading():
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     diffusers_verbosity = diffusers_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    diffusers_logging.set_verbosity_error()  # e.g. "install accelerate for faster loading", irrelevant for frozen models
+    # e.g. "install accelerate for faster loading", irrelevant for frozen models
+    diffusers_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         yield
@@ -86,7 +87,8 @@ def load_pretrained(load: Callable[..., Any], key: str, path: str, **kwargs: Any
     except (OSError, ValueError, HfHubHTTPError) as e:
         if _is_gated(e):
             raise EncoderLoadError(
-                f"{key}: '{path}' is a gated model this account may not read: accept its licence on the Hugging Face hub "
+                f"{key}: '{path}' is a gated model this account may not read: accept its licence on the Hugging Face "
+                "hub "
                 "and put HF_TOKEN=<a read token> in .env"
             ) from None
         if not Path(path).exists():

@@ -17,6 +17,7 @@ import torch
 from sd3.batch import Batch
 from sd3.config import Config
 from sd3.data.sampler import BucketBatchSampler
+from sd3.errors import ConfigError
 
 
 def build_sampler(cfg: Config, loader_index: int, num_loaders: int, global_batch: int,
@@ -48,14 +49,24 @@ class BatchProducer:
     def __init__(self, cfg: Config, global_batch: int, loader_index: int, num_loaders: int,
                  device: torch.device | str, sampler: BucketBatchSampler | None = None):
         from sd3.data.batches import RowLoader, empty_counts
+        from sd3.data.latents import LatentCacheReader
+        from sd3.data.shards import ShardReader
         from sd3.encoders.conditioner import Conditioner
 
         if sampler is None:
             self.index, self.sampler = build_sampler(cfg, loader_index, num_loaders, global_batch)
         else:  # a sampler already placed at its data position (a resumed run's; see sd3/train/checkpointer.py)
             self.index, self.sampler = sampler.index, sampler
-        self.rows = RowLoader(cfg.data.parquet_folder, cfg.data, row_counts=self.index.manifest["rows"])
+        if cfg.topology.mode == "hybrid" and not cfg.data.latent_cache:
+            raise ConfigError("topology.mode=hybrid needs data.latent_cache (a folder `sd3 cache --only vae` wrote)")
         self.conditioner = Conditioner(cfg, device)
+        latents = None
+        if cfg.data.latent_cache:
+            shards = ShardReader(cfg.data.parquet_folder, row_counts=self.index.manifest["rows"])
+            latents = LatentCacheReader(cfg.data.latent_cache, shards)
+            latents.check_vae(self.conditioner.vae)
+        self.rows = RowLoader(cfg.data.parquet_folder, cfg.data, row_counts=self.index.manifest["rows"],
+                              latents=latents)
         self.decode_s = 0.0
         self.skipped = empty_counts()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="loader-decode")
@@ -81,6 +92,11 @@ class BatchProducer:
         generator = torch.Generator(device=self.conditioner.device).manual_seed(planned.seed_for_step)
         batch = self.conditioner(raw, generator)  # a step whose rows were all bad gives an empty batch of its bucket
         return batch, {"decode": self.decode_s, **self.conditioner.timings}, dict(self.skipped)
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """The encoders' peak memory during the last step: see Conditioner.peak_memory_bytes / memory_source."""
+        return self.conditioner.peak_memory_bytes
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

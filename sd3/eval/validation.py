@@ -89,7 +89,8 @@ class Validator:
                       for i, b in enumerate(self.heldout)]  # each (B, C, h, w)
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(cfg.train.precision, torch.bfloat16)
-        vae = LatentVAE.load(cfg.encoders.vae, cfg.encoders.vae_subfolder, device, cfg.encoders.vae_dtype)
+        vae = LatentVAE.load(cfg.encoders.vae, cfg.encoders.vae_subfolder, device, cfg.encoders.vae_dtype,
+                             latent_norm=cfg.encoders.latent_norm)
         drop_vae_encoder(vae)
         self.pipe = Pipeline(build_in_dtype(cfg, device, dtype), cfg, None, vae, device, dtype, offload=False)
         self.wall_start = start

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sd3.config import TopologyConfig
+from sd3.config import LOADER_MODES, TopologyConfig
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def candidate_layouts(gpus_per_node: int) -> list[Layout]:
 
 def configured_layout(cfg: TopologyConfig, gpus_per_node: int) -> Layout:
     """The layout a TopologyConfig asks for (an explicit map counts as one node)."""
-    if cfg.mode != "loader":
+    if cfg.mode not in LOADER_MODES:
         return Layout((), colocated_gpus=gpus_per_node)
     if cfg.loader_to_model:
         return Layout(tuple(len(v) for _, v in sorted(cfg.loader_to_model.items(), key=lambda kv: int(kv[0]))))

@@ -114,7 +114,7 @@ class Pipeline:
         load_device = torch.device("cpu") if (offload or (offload is None and device.type != "cpu")) else device
         text = TextEncoders.load(cfg.encoders, cfg.model.text_tokens, load_device)
         vae = LatentVAE.load(cfg.encoders.vae, cfg.encoders.vae_subfolder, load_device, cfg.encoders.vae_dtype,
-                             with_decoder=True)
+                             with_decoder=True, latent_norm=cfg.encoders.latent_norm)
         if not keep_vae_encoder:
             drop_vae_encoder(vae)
         return cls(model, cfg, text, vae, device, dtype, offload)

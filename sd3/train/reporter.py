@@ -16,7 +16,6 @@ import torch.distributed as dist
 from sd3.batch import Batch
 from sd3.config import Config
 from sd3.data.batches import SKIP_REASONS
-from sd3.data.cached import SKIP_NOT_CACHED
 from sd3.model.flops import train_flops_per_image
 from sd3.train.logging import RunLogger
 from sd3.train.metrics import Window, peak_flops
@@ -26,7 +25,7 @@ from sd3.train.sources import SourceStats
 
 # Reasons a row can be skipped, as a fixed vocabulary: the RowLoader's, the cache's, and anything else a source
 # reports (folded into "other" so no count is lost).
-SKIP_VOCABULARY = (*SKIP_REASONS, SKIP_NOT_CACHED, "other")
+SKIP_VOCABULARY = (*SKIP_REASONS, "other")  # SKIP_REASONS includes the caches' not_cached
 
 
 def skip_vector(counts: dict[str, int]) -> list[int]:

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from sd3.batch import Batch
-from sd3.config import Config
+from sd3.config import LOADER_MODES, Config
 from sd3.data.cached import CacheReader
 from sd3.data.sampler import BucketBatchSampler
 from sd3.distributed import BatchReceiver
@@ -156,7 +156,7 @@ def loader_sampler(cfg: Config, topology) -> BucketBatchSampler:
     """The sampler of this rank's loader (a loader rank's own; a model rank's loader's; in colocated / cached
     mode the rank's own stream), knowing every loader's rows per step: data.batch_size x the model ranks each feeds
     (they may differ, e.g. 3 loaders feeding 2+2+1 ranks)."""
-    if cfg.topology.mode == "loader":
+    if cfg.topology.mode in LOADER_MODES:
         loader_rows = [cfg.data.batch_size * len(topology.loader_to_model[r]) for r in sorted(topology.loader_to_model)]
     else:
         loader_rows = [cfg.data.batch_size] * topology.num_loaders
@@ -169,7 +169,7 @@ def build_source(cfg: Config, topology, device: torch.device, plan: ResumePlan |
     mode = cfg.topology.mode
     sampler = loader_sampler(cfg, topology)
     start_step = data_start(plan, sampler)
-    if mode == "loader":
+    if mode in LOADER_MODES:
         return RemoteSource(topology, start_step, sampler)
     if mode == "colocated":
         # The encoders share this rank's device, unless encoders.device=cpu keeps them off the GPU (to save memory).

@@ -52,7 +52,7 @@ def test_same_inputs_same_batch(conditioner):
     raw = RawBatch(torch.rand(2, 3, 32, 32) * 2 - 1, ["a red circle", "green star"], np.arange(2), {})
     a = conditioner(raw, torch.Generator().manual_seed(3))
     b = conditioner(raw, torch.Generator().manual_seed(3))
-    for x, y in zip(a.tensors(), b.tensors()):
+    for x, y in zip(a.tensors(), b.tensors(), strict=True):
         assert torch.equal(x, y)
 
 
@@ -74,3 +74,12 @@ def test_model_dims_must_match_encoders(tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, text_dims=[2304, 1024]))
     with pytest.raises(EncoderLoadError, match=r"model\.text_dims"):
         Conditioner(cfg, "cpu")
+
+
+def test_peak_memory_is_reported(conditioner):
+    """On CPU the stat is the process's peak RSS: at least the memory the encoders' weights hold."""
+    raw = RawBatch(torch.zeros(2, 3, 32, 32), ["red", "blue star"], np.arange(2), {})
+    conditioner(raw)
+    weights = sum(p.numel() * p.element_size() for m in (conditioner.text.gemma, conditioner.vae.vae)
+                  for p in m.parameters())
+    assert conditioner.memory_source == "cpu_max_rss" and conditioner.peak_memory_bytes > weights

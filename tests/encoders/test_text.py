@@ -45,7 +45,7 @@ def test_padded_positions_are_zero(text_encoders, tiny_cfg):
 def test_same_captions_same_outputs(text_encoders, tiny_cfg):
     first = text_encoders.encode(CAPTIONS)
     again = TextEncoders.load(tiny_cfg.encoders, tiny_cfg.model.text_tokens, "cpu").encode(CAPTIONS)
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
 
 

@@ -23,8 +23,8 @@ def test_training_improves_reconstruction(tmp_path):
     """The training loop itself (sampling, loss, optimizer, schedule), on a shallow /2 VAE that learns in a few steps;
     the real tiny VAE's training is what made the shipped weights checked above."""
     torch.manual_seed(0)
-    vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "block_out_channels": [8, 8], "down_block_types": ["DownEncoderBlock2D"] * 2,
-                           "up_block_types": ["UpDecoderBlock2D"] * 2})
+    vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "block_out_channels": [8, 8],
+                           "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2})
     vae.save_pretrained(tmp_path / "vae")
     heldout = shape_sets(16)
     before = psnr(LatentVAE.load(str(tmp_path), "vae", "cpu", "fp32"), heldout)
