@@ -72,7 +72,7 @@ def test_colocated_and_cached_have_no_loader_ranks(mode):
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ConfigError, match="'topology.mode' is 'ring', not one of loader, colocated, cached"):
+    with pytest.raises(ConfigError, match="'topology.mode' is 'ring', not one of loader, hybrid, colocated, cached"):
         load_config("tiny-cpu", ["--topology.mode=ring"])  # choices are checked once, where the config is loaded
     with pytest.raises(TopologyError, match="max_in_flight"):
         resolve(3, 0, 3, loaders_per_node=1, models_per_loader=2, max_in_flight=0)
