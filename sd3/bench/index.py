@@ -120,7 +120,8 @@ def main(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         write_shards(folder, args.rows, args.shards, args.row_group_rows, args.seed)
-        print(f"bench index: wrote {args.rows} rows in {args.shards} shards to {folder} in {time.perf_counter() - start:.1f} s")
+        print(f"bench index: wrote {args.rows} rows in {args.shards} shards to {folder} "
+              f"in {time.perf_counter() - start:.1f} s")
 
         index_path = folder / "bucket_indices.npz"
         times = []
@@ -152,7 +153,8 @@ def main(args: argparse.Namespace) -> int:
             naive.get(name, []) == index.rows(name)[index.rows(name) < covered].tolist() for name in index.buckets
         ) and set(naive) <= set(index.buckets)
         speedup = fast_rate / naive_rate
-        print(f"bench index: create-indices is {speedup:,.0f}x the naive scan; results agree on the common rows: {agree}")
+        print(f"bench index: create-indices is {speedup:,.0f}x the naive scan; "
+              f"results agree on the common rows: {agree}")
         print_result(
             {
                 "bench": "index",

@@ -26,9 +26,11 @@ HELDOUT_SEED = 1  # the quick start's dataset is make-dataset's seed 0: sample i
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default="runs/quickstart", help="checkpoint dir or save_dir (default: the quick start's)")
+    parser.add_argument("--checkpoint", default="runs/quickstart",
+                        help="checkpoint dir or save_dir (default: the quick start's)")
     parser.add_argument("--n-loss", type=int, default=256, help="held-out images for the validation loss")
-    parser.add_argument("--n-prompts", type=int, default=96, help="held-out captions to generate from (±4 % sampling error at 96)")
+    parser.add_argument("--n-prompts", type=int, default=96,
+                        help="held-out captions to generate from (±4 % sampling error at 96)")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps per generated image")
     parser.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the checkpoint's [sample])")
     parser.add_argument("--sampler", default="euler")
@@ -78,7 +80,7 @@ def validation_losses(pipe, samples: list, seed: int) -> dict[str, float]:
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(samples):
         by_size.setdefault((s.labels.height, s.labels.width), []).append(i)
-    for (h, w), index in sorted(by_size.items()):
+    for (_h, _w), index in sorted(by_size.items()):
         for chunk in (index[k:k + 64] for k in range(0, len(index), 64)):
             images = to_tensor([samples[i].image for i in chunk])  # (B, 3, H, W) in [-1, 1]
             x0 = vae.encode(images, generator).to(pipe.device)  # (B, C, h, w)
@@ -111,11 +113,11 @@ def colour_accuracy(pipe, samples: list, args: argparse.Namespace) -> dict:
         result = pipe([samples[i].recaption for i in index], cfg_scale=args.cfg, num_steps=args.steps,
                       sampler=args.sampler, width=width, height=height, batch_size=1,
                       seed=args.seed * 100_000 + index[0])
-        for i, image in zip(index, result.images):
+        for i, image in zip(index, result.images, strict=True):  # one image per prompt
             images[i] = image
     found = [classify(image) for image in images]
-    shape_hits = sum(f.shape == s.labels.colour for f, s in zip(found, samples))
-    background_hits = sum(f.background == s.labels.background for f, s in zip(found, samples))
+    shape_hits = sum(f.shape == s.labels.colour for f, s in zip(found, samples, strict=True))
+    background_hits = sum(f.background == s.labels.background for f, s in zip(found, samples, strict=True))
     form_hits = sum(classify_shape(image).shape == s.labels.shape for image, s in zip(images, samples, strict=True))
     return {"colour_accuracy": shape_hits / len(samples), "background_accuracy": background_hits / len(samples),
             "shape_accuracy": form_hits / len(samples), "images": images}
@@ -147,7 +149,8 @@ def main(args: argparse.Namespace) -> int:
     print_result({
         "bench": "learn", "checkpoint": str(args.checkpoint), "dtype": args.dtype, "heldout_seed": args.seed,
         "n_loss": args.n_loss, "loss_true": round(losses["true"], 5), "loss_shuffled": round(losses["shuffled"], 5),
-        "loss_null": round(losses["null"], 5), "loss_ratio_shuffled_over_true": round(losses["shuffled"] / losses["true"], 4),
+        "loss_null": round(losses["null"], 5),
+        "loss_ratio_shuffled_over_true": round(losses["shuffled"] / losses["true"], 4),
         "n_prompts": args.n_prompts, "colour_accuracy": round(colours["colour_accuracy"], 4),
         "background_accuracy": round(colours["background_accuracy"], 4),
         "shape_accuracy": round(colours["shape_accuracy"], 4), "sampler": args.sampler,

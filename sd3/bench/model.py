@@ -32,7 +32,8 @@ from sd3.model.flops import count_parameters
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=768, help="our model width (64 per head)")
-    parser.add_argument("--blocks", type=int, default=4, help="our number of blocks (diffusers gets the depth that matches)")
+    parser.add_argument("--blocks", type=int, default=4,
+                        help="our number of blocks (diffusers gets the depth that matches)")
     parser.add_argument("--mlp-type", default="swiglu", choices=["swiglu", "gelu"])
     parser.add_argument("--height", type=int, default=256, help="pixels; latents are height/8")
     parser.add_argument("--width", type=int, default=256)
@@ -125,7 +126,8 @@ def main(args: argparse.Namespace) -> int:
 
     print(f"sizes: batch {B}, {args.height}x{args.width} px = latents {cfg.in_channels}x{h}x{w}, "
           f"{(h // 2) * (w // 2)} image tokens + {2 * T} text tokens, threads {torch.get_num_threads()}")
-    print(f"ours:   MMDiT dim {cfg.dim}, {cfg.num_blocks} blocks, {cfg.num_heads} heads, {cfg.mlp_type} MLP x{cfg.hidden_scale}: "
+    print(f"ours:   MMDiT dim {cfg.dim}, {cfg.num_blocks} blocks, {cfg.num_heads} heads, "
+          f"{cfg.mlp_type} MLP x{cfg.hidden_scale}: "
           f"{ours_params:,} parameters, attention {ours.attention_backend}")
     print(f"theirs: diffusers SD3Transformer2DModel dim {64 * heads}, {layers} layers, {heads} heads, GELU MLP x4, "
           f"qk_norm rms_norm: {theirs_params:,} parameters ({100 * (theirs_params / ours_params - 1):+.1f}%)")
@@ -135,7 +137,8 @@ def main(args: argparse.Namespace) -> int:
         "theirs_dim": 64 * heads, "theirs_layers": layers, "repeats": args.repeats, "threads": torch.get_num_threads(),
     }
     flops = {who: linear_flops(*runners[who]) for who in runners}
-    print(f"matrix-product FLOPs per forward+backward: ours {flops['ours'] / 1e9:.1f} G, theirs {flops['theirs'] / 1e9:.1f} G, "
+    print(f"matrix-product FLOPs per forward+backward: ours {flops['ours'] / 1e9:.1f} G, "
+          f"theirs {flops['theirs'] / 1e9:.1f} G, "
           f"ratio {flops['ours'] / flops['theirs']:.3f} (attention kernels not counted)")
     figures["linear_flops_ratio"] = round(flops["ours"] / flops["theirs"], 3)
     # Which dtype train.precision=auto picks here: bf16 only where the CPU computes it in hardware.
@@ -155,8 +158,10 @@ def main(args: argparse.Namespace) -> int:
         cpu = {who: statistics.median(s[1] for s in runs) for who, runs in times.items()}
         autocast = "bf16 autocast, fp32 weights" if dtype == torch.bfloat16 else "fp32"
         print(f"{name} ({autocast}), median of {args.repeats} forward+backward: "
-              f"wall ours {wall['ours']:.3f} s, theirs {wall['theirs']:.3f} s, ratio ours/theirs {wall['ours'] / wall['theirs']:.3f}; "
-              f"CPU time ours {cpu['ours']:.3f} s, theirs {cpu['theirs']:.3f} s, ratio {cpu['ours'] / cpu['theirs']:.3f}")
+              f"wall ours {wall['ours']:.3f} s, theirs {wall['theirs']:.3f} s, "
+              f"ratio ours/theirs {wall['ours'] / wall['theirs']:.3f}; "
+              f"CPU time ours {cpu['ours']:.3f} s, theirs {cpu['theirs']:.3f} s, "
+              f"ratio {cpu['ours'] / cpu['theirs']:.3f}")
         figures[f"{name}_ours_s"] = round(wall["ours"], 4)
         figures[f"{name}_theirs_s"] = round(wall["theirs"], 4)
         figures[f"{name}_ratio"] = round(wall["ours"] / wall["theirs"], 3)

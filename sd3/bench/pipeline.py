@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------------- preparation
 
 def prepare(workdir: Path) -> list[str]:
-    """Tiny models + a small shapes dataset in `workdir` (each stage skipped when done); config overrides to use them."""
+    """Tiny models + a small shapes dataset in `workdir` (each stage skipped when done); config overrides to use
+    them."""
     from sd3.data.synthetic import prepare_shapes
     from sd3.encoders.tiny import make_tiny, tiny_overrides
 
@@ -152,7 +153,7 @@ def loader_busy(topo) -> dict:
     values = torch.zeros(len(TIMING_FIELDS) + 1, dtype=torch.float64)
     dist.broadcast(values, src=topo.loader_to_model[topo.rank][0])
     steps = max(values[-1].item(), 1.0)
-    split = {k: v / steps for k, v in zip(TIMING_FIELDS, values[:-1].tolist()) if k != "wait"}
+    split = {k: v / steps for k, v in zip(TIMING_FIELDS, values[:-1].tolist(), strict=True) if k != "wait"}
     return {"busy_s_per_step": sum(split.values()), "split_s_per_step": split}
 
 
@@ -227,7 +228,8 @@ def transport_phase(cfg, topo, args) -> dict:
 
 
 def measure(topo, batch, rounds: int, channel: str) -> dict:
-    """Alternate rounds of (ours, bare); each starts with a barrier over all ranks and ends when the receiver holds it."""
+    """Alternate rounds of (ours, bare); each starts with a barrier over all ranks and ends when the receiver holds
+    it."""
     import torch
     import torch.distributed as dist
 
@@ -240,11 +242,12 @@ def measure(topo, batch, rounds: int, channel: str) -> dict:
         flats = [torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in part.tensors()]) for part in parts]
         for step in range(rounds):
             dist.barrier()
-            for consumer, part in zip(topo.consumers, parts):
+            for consumer, part in zip(topo.consumers, parts, strict=True):  # Batch.split gives exactly n parts
                 sender.send(consumer, step, part)
             sender.flush(topo.timeout_s)
             dist.barrier()
-            works = [dist.isend(flat, dst=consumer, tag=99) for consumer, flat in zip(topo.consumers, flats)]
+            works = [dist.isend(flat, dst=consumer, tag=99)
+                     for consumer, flat in zip(topo.consumers, flats, strict=True)]
             for w in works:
                 w.wait()
         while sender.active:  # the consumers ask to stop; answer with DONE

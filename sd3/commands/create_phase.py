@@ -19,13 +19,15 @@ from sd3.errors import UserError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-dir", required=True, help="folder of raw shards (image, recaption, recaption_short)")
     parser.add_argument("--output-dir", required=True, help="folder for the phase shards (same file names)")
-    parser.add_argument("--max-res", type=int, default=256, help="longest side (exact) or sqrt of the bucket area (area)")
+    parser.add_argument("--max-res", type=int, default=256,
+                        help="longest side (exact) or sqrt of the bucket area (area)")
     parser.add_argument("--patch-size", type=int, default=16, help="both sides become multiples of this")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes, one shard each")
     parser.add_argument("--format", choices=FORMATS, default="png", help="png is lossless")
     parser.add_argument("--quality", type=int, default=95, help="jpeg / webp quality")
     parser.add_argument("--bucket-mode", choices=BUCKET_MODES, default="exact",
-                        help="exact: each side to the nearest multiple (source); area: fixed aspect buckets of ~max_res^2 px")
+                        help="exact: each side to the nearest multiple (source); "
+                        "area: fixed aspect buckets of ~max_res^2 px")
     parser.add_argument("--row-group-mb", type=float, default=PHASE_ROW_GROUP_BYTES / 2**20,
                         help="MiB of images per parquet row group (a random row read costs one group)")
     parser.add_argument("--no-progress", action="store_true")

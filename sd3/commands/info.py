@@ -62,7 +62,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"config            {args.config}")
     print(f"parameters        {info['parameters']:,} ({human(info['parameters'], ['', ' K', ' M', ' B'])})")
     print(f"resolution        {height}x{width} px: {tokens} image tokens + {info['text_tokens']} text tokens")
-    print(f"train FLOPs/image {info['train_flops_per_image']:.4g} ({human(info['train_flops_per_image'], [' FLOP', ' kFLOP', ' MFLOP', ' GFLOP', ' TFLOP', ' PFLOP'])})")
+    flop_units = [" FLOP", " kFLOP", " MFLOP", " GFLOP", " TFLOP", " PFLOP"]
+    print(f"train FLOPs/image {info['train_flops_per_image']:.4g} ({human(info['train_flops_per_image'], flop_units)})")
     print(f"attention backend {backend}")
     print("resolved config:")
     print(cfg.to_json())

@@ -1,4 +1,5 @@
-"""`sd3 make-tiny --out DIR`: tiny random-init encoders and a shapes-trained tiny VAE, for offline tests and the quick start."""
+"""`sd3 make-tiny --out DIR`: tiny random-init encoders and a shapes-trained tiny VAE, for offline tests and the quick
+start."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="data/tiny-models", help="output folder (default: data/tiny-models)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     parser.add_argument("--vae-weights", default=str(TINY_VAE_WEIGHTS),
-                        help="tiny VAE weights to start from (default: the ones shipped in sd3/assets); 'none' = random")
+                        help="tiny VAE weights to start from (default: the ones shipped in sd3/assets); "
+                        "'none' = random")
     parser.add_argument("--train-vae-steps", type=int, default=0,
                         help="train the tiny VAE on synthetic shapes for this many steps, starting from --vae-weights "
                              "(0 = keep the weights as they are)")

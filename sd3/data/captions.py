@@ -20,7 +20,10 @@ OPENINGS = (
         r"portrays|illustrates|contains|is\s+of)\s*:?\s*",
         re.IGNORECASE,
     ),
-    re.compile(rf"^in\s+(?:the|this)\s+{_NOUN}\s*,?\s*(?:we\s+(?:can\s+)?see\s+|there\s+(?:is|are)\s+)?", re.IGNORECASE),
+    re.compile(
+        rf"^in\s+(?:the|this)\s+{_NOUN}\s*,?\s*(?:we\s+(?:can\s+)?see\s+|there\s+(?:is|are)\s+)?",
+        re.IGNORECASE,
+    ),
     re.compile(rf"^(?:this|it)\s+is\s+(?:an?\s+)?{_NOUN}\s+(?:of|showing|depicting)\s+", re.IGNORECASE),
 )
 ARTICLE = re.compile(r"^an?\s+", re.IGNORECASE)

@@ -38,7 +38,8 @@ class ImportSummary:
 
     def line(self) -> str:
         shown = ", ".join(self.missing[:5]) + (" ..." if len(self.missing) > 5 else "")
-        text = f"import-folder: {self.imported} rows in {len(self.shards)} shards; {len(self.missing)} image files missing"
+        text = (f"import-folder: {self.imported} rows in {len(self.shards)} shards; "
+                f"{len(self.missing)} image files missing")
         text += f" ({shown})" if self.missing else ""
         return text + f"; {self.no_prompt} entries without a prompt"
 
@@ -73,7 +74,9 @@ def read_metadata(path: str | Path) -> list[dict]:
     return entries
 
 
-def import_folder(images: str | Path, metadata: str | Path, out_dir: str | Path, shard_rows: int = 1000) -> ImportSummary:
+def import_folder(
+    images: str | Path, metadata: str | Path, out_dir: str | Path, shard_rows: int = 1000
+) -> ImportSummary:
     """Write raw shards `<out_dir>/import-NNNNN.parquet`; missing image files are counted and listed, not fatal."""
     images, out_dir = Path(images), Path(out_dir)
     entries = read_metadata(metadata)
@@ -105,6 +108,7 @@ def import_folder(images: str | Path, metadata: str | Path, out_dir: str | Path,
     if rows:
         flush()
     if summary.missing:
-        log.warning("%d image files named in %s are missing, e.g. %s", len(summary.missing), metadata, summary.missing[0])
+        log.warning("%d image files named in %s are missing, e.g. %s",
+                    len(summary.missing), metadata, summary.missing[0])
     return summary
 

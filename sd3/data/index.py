@@ -130,7 +130,9 @@ class BucketIndex:
         with np.load(path, allow_pickle=False) as z:
             version = int(z["version"])
             if version != INDEX_VERSION:
-                raise IndexMismatchError(f"{path}: index format {version}, expected {INDEX_VERSION}; re-run `sd3 create-indices`")
+                raise IndexMismatchError(
+                    f"{path}: index format {version}, expected {INDEX_VERSION}; re-run `sd3 create-indices`"
+                )
             index = cls(
                 buckets=[str(b) for b in z["buckets"]],
                 row_ids=z["row_ids"],
@@ -144,8 +146,9 @@ class BucketIndex:
     def check(self, folder: str | Path, path: str | Path = "the index") -> None:
         """Raise IndexMismatchError naming what changed if the folder's shards differ from the manifest."""
         now = folder_manifest(folder)
-        old = dict(zip(self.manifest["shards"], self.manifest["bytes"]))
-        new = dict(zip(now["shards"], now["bytes"]))
+        # folder_manifest writes one size per shard name, so the two lists always pair up.
+        old = dict(zip(self.manifest["shards"], self.manifest["bytes"], strict=True))
+        new = dict(zip(now["shards"], now["bytes"], strict=True))
         changes = [f"missing {n}" for n in old if n not in new]
         changes += [f"new {n}" for n in new if n not in old]
         changes += [f"{n} is {new[n]} bytes, was {old[n]}" for n in old if n in new and new[n] != old[n]]
@@ -173,7 +176,8 @@ def create_indices(folder: str | Path, out_path: str | Path | None = None, n_pro
     with ThreadPoolExecutor(max_workers=max(1, n_proc)) as pool:
         for names_local, local in pool.map(_read_shard_buckets, paths):
             lookup = [names.setdefault(n, len(names)) if BUCKET_RE.match(n) else -1 for n in names_local]
-            codes.append(np.array(lookup + [-1], dtype=np.int32)[local])  # -1 indexes the trailing -1: nulls stay invalid
+            # -1 indexes the trailing -1: nulls stay invalid
+            codes.append(np.array(lookup + [-1], dtype=np.int32)[local])
             rows.append(len(local))
     code = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int32)  # (N,) bucket of each global row
     valid = code >= 0

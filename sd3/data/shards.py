@@ -74,7 +74,9 @@ def row_group_rows_for(table: pa.Table, target_bytes: int = PHASE_ROW_GROUP_BYTE
     return int(min(MAX_ROW_GROUP_ROWS, max(MIN_ROW_GROUP_ROWS, target_bytes // mean)))
 
 
-def write_table(path: str | Path, table: pa.Table, row_group_rows: int | None = None, metadata: dict | None = None) -> None:
+def write_table(
+    path: str | Path, table: pa.Table, row_group_rows: int | None = None, metadata: dict | None = None
+) -> None:
     """Write a shard atomically: to a hidden temporary name in the same folder, then rename.
 
     A crash never leaves a half-written shard under its final name, so "the output exists" means "it is done"
@@ -121,7 +123,9 @@ class ShardReader:
     processes; it holds no open file when pickled.
     """
 
-    def __init__(self, folder: str | Path, row_counts: Sequence[int] | None = None, max_open_files: int = MAX_OPEN_FILES):
+    def __init__(
+        self, folder: str | Path, row_counts: Sequence[int] | None = None, max_open_files: int = MAX_OPEN_FILES
+    ):
         self.folder = Path(folder)
         self.paths = list_shards(self.folder)
         if row_counts is None:

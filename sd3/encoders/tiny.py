@@ -61,7 +61,9 @@ top bottom left right center centre middle upper lower corner side edge half qua
 small large big tiny medium huge little
 """.split()
 CHARACTERS = list(string.ascii_lowercase + string.digits + string.punctuation)
-SMALL_VOCAB = list(dict.fromkeys(sorted(WORDS) + CHARACTERS + [f"##{c}" for c in string.ascii_lowercase + string.digits]))
+SMALL_VOCAB = list(
+    dict.fromkeys(sorted(WORDS) + CHARACTERS + [f"##{c}" for c in string.ascii_lowercase + string.digits])
+)
 
 TINY_VAE_CONFIG = dict(
     in_channels=3,
@@ -69,7 +71,8 @@ TINY_VAE_CONFIG = dict(
     latent_channels=16,
     down_block_types=["DownEncoderBlock2D"] * 4,
     up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[8, 16, 32, 32],  # 4 blocks, 3 downsamplings -> /8 like FLUX; narrow at full resolution for CPU speed
+    # 4 blocks, 3 downsamplings -> /8 like FLUX; narrow at full resolution for CPU speed
+    block_out_channels=[8, 16, 32, 32],
     layers_per_block=1,
     norm_num_groups=4,
     sample_size=64,
@@ -146,7 +149,9 @@ def write_clip(out: Path) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     # The image processor makes the folder a full CLIP (CLIPProcessor.from_pretrained), as `sd3 eval --clip` loads.
-    _image_processor("CLIPImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    _image_processor("CLIPImageProcessor")(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(out)
 
 
 def write_gemma(out: Path) -> None:
@@ -173,7 +178,8 @@ def write_modernbert(out: Path) -> None:
 
 
 def tiny_vae(weights: Path | None = TINY_VAE_WEIGHTS) -> AutoencoderKL:
-    """The tiny VAE; with `weights` (a safetensors file with the state dict and the latent statistics) when it exists."""
+    """The tiny VAE; with `weights` (a safetensors file with the state dict and the latent statistics) when it
+    exists."""
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
     if weights is not None and Path(weights).is_file():
         from sd3.encoders.tiny_vae import load_vae_weights
@@ -264,8 +270,9 @@ def write_llava_next(out: Path) -> None:
                              image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN), image_grid_pinpoints=pinpoints,
                              vision_feature_layer=-1, vision_feature_select_strategy="default")
     LlavaNextForConditionalGeneration(config).save_pretrained(out)
-    image_processor = _image_processor("LlavaNextImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                              image_grid_pinpoints=pinpoints)
+    image_processor = _image_processor("LlavaNextImageProcessor")(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
                                    vision_feature_select_strategy="default", chat_template=LLAMA3_CHAT_TEMPLATE,
                                    image_token=IMAGE_TOKEN, num_additional_image_tokens=1)  # CLIP's CLS

@@ -14,7 +14,10 @@ from sd3.data.synthetic import COLOURS, SHAPES
 from . import helpers
 
 BINARY_CAPTIONS = pa.schema(
-    [f if f.name not in ("recaption", "recaption_short") else pa.field(f.name, pa.binary()) for f in helpers.PHASE_SCHEMA]
+    [
+        f if f.name not in ("recaption", "recaption_short") else pa.field(f.name, pa.binary())
+        for f in helpers.PHASE_SCHEMA
+    ]
 )
 # (image bytes, caption) -> expected reason (None = kept)
 CASES = {
@@ -46,7 +49,11 @@ def bad_folder(tmp_path_factory):
     rows = [helpers.phase_row(img, caption=cap, short=cap) for img, cap, _ in CASES.values()]
     helpers.write_phase_shard(folder / "a.parquet", rows, schema=BINARY_CAPTIONS)
     # orientation 6: stored 32 wide x 64 tall, upright 64 wide x 32 tall -> bucket 32x64
-    helpers.write_phase_shard(folder / "b.parquet", [helpers.phase_row(helpers.exif_rotated_jpeg(), b"rotated", b"rotated", 32, 64)], schema=BINARY_CAPTIONS)
+    helpers.write_phase_shard(
+        folder / "b.parquet",
+        [helpers.phase_row(helpers.exif_rotated_jpeg(), b"rotated", b"rotated", 32, 64)],
+        schema=BINARY_CAPTIONS,
+    )
     return folder
 
 
@@ -84,8 +91,12 @@ def test_all_rows_bad_gives_an_empty_batch(bad_folder):
 
 
 def test_caption_column_that_is_not_text(tmp_path):
-    schema = pa.schema([f if f.name != "recaption" else pa.field("recaption", pa.int64()) for f in helpers.PHASE_SCHEMA])
-    helpers.write_phase_shard(tmp_path / "a.parquet", [helpers.phase_row(helpers.solid_png(), caption=7)], schema=schema)
+    schema = pa.schema(
+        [f if f.name != "recaption" else pa.field("recaption", pa.int64()) for f in helpers.PHASE_SCHEMA]
+    )
+    helpers.write_phase_shard(
+        tmp_path / "a.parquet", [helpers.phase_row(helpers.solid_png(), caption=7)], schema=schema
+    )
     raw = RowLoader(tmp_path, DataConfig(decode_threads=1, long_caption_prob=1.0)).load(_batch([0]))
     assert raw.skipped["bad_caption"] == 1 and len(raw) == 0
 

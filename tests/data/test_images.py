@@ -67,7 +67,10 @@ def test_exif_orientation_6_is_applied():
     assert top_left.min() > 200  # white
 
 
-@pytest.mark.parametrize("mode, fmt", [("1", "PNG"), ("L", "PNG"), ("RGBA", "PNG"), ("I", "TIFF"), ("F", "TIFF"), ("CMYK", "TIFF"), ("YCbCr", "JPEG")])
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [("1", "PNG"), ("L", "PNG"), ("RGBA", "PNG"), ("I", "TIFF"), ("F", "TIFF"), ("CMYK", "TIFF"), ("YCbCr", "JPEG")],
+)
 def test_other_modes_all_become_rgb(mode, fmt):
     buf = io.BytesIO()
     Image.new(mode, (16, 16)).save(buf, format=fmt)

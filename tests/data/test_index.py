@@ -89,7 +89,10 @@ def test_reader_is_picklable_and_checks_columns(shapes_phase):
     reader = ShardReader(shapes_phase.folder)
     reader.read([1, 2], ["height"])
     clone = pickle.loads(pickle.dumps(reader))
-    assert clone.read([2], ["height"]).column("height").to_pylist() == reader.read([2], ["height"]).column("height").to_pylist()
+    assert (
+        clone.read([2], ["height"]).column("height").to_pylist()
+        == reader.read([2], ["height"]).column("height").to_pylist()
+    )
     with pytest.raises(ValueError, match="no column 'nope'"):
         reader.read([1], ["nope"])
 

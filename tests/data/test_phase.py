@@ -1,4 +1,5 @@
-"""create-phase: sides multiples of 16, aspect kept to within a patch, height-first buckets, resumable, bad rows counted."""
+"""create-phase: sides multiples of 16, aspect kept to within a patch, height-first buckets, resumable, bad rows
+counted."""
 
 import io
 import json
@@ -41,7 +42,8 @@ def _raw_shard(path, sizes, extra_rows=()):
         for w, h in sizes  # (width, height), like PIL
     ]
     rows += list(extra_rows)
-    write_table(path, pa.Table.from_pylist(rows, schema=pa.schema([("image", pa.binary()), ("recaption", pa.binary()), ("recaption_short", pa.binary())])))
+    schema = pa.schema([("image", pa.binary()), ("recaption", pa.binary()), ("recaption_short", pa.binary())])
+    write_table(path, pa.Table.from_pylist(rows, schema=schema))
 
 
 SIZES = [(200, 100), (100, 200), (333, 250), (64, 64), (1000, 150), (37, 500), (120, 90)]
@@ -78,7 +80,9 @@ def test_phase_drops_bad_rows_by_reason(tmp_path):
     _raw_shard(tmp_path / "raw" / "a.parquet", [], bad)
     summary = create_phase(tmp_path / "raw", tmp_path / "phase", PhaseOptions(max_res=64), workers=1, progress=False)
     assert summary.kept == 1
-    assert dict(summary.dropped) == {"truncated": 1, "decode_error": 1, "empty_image": 1, "too_small": 1, "too_large": 1, "bad_caption": 2}
+    assert dict(summary.dropped) == {
+        "truncated": 1, "decode_error": 1, "empty_image": 1, "too_small": 1, "too_large": 1, "bad_caption": 2
+    }
     assert "dropped 7" in summary.line()
 
 
@@ -89,7 +93,8 @@ def test_phase_is_resumable_and_parallel(tmp_path):
     (tmp_path / "phase").mkdir()
     (tmp_path / "phase" / ".s0.parquet.tmp-999").write_bytes(b"left by a crash")
     first = create_phase(tmp_path / "raw", tmp_path / "phase", opt, workers=2, progress=False)
-    assert first.shards_written == 3 and first.kept + sum(first.dropped.values()) == sum(len(SIZES[k:]) for k in range(3))
+    assert first.shards_written == 3
+    assert first.kept + sum(first.dropped.values()) == sum(len(SIZES[k:]) for k in range(3))
     assert dict(first.dropped) == {"too_small": 3}  # 37x500 at max_res 64 is 4.7 px wide
     assert [p.name for p in list_shards(tmp_path / "phase")] == ["s0.parquet", "s1.parquet", "s2.parquet"]
     assert Image.open(io.BytesIO(pq.read_table(tmp_path / "phase" / "s1.parquet")["image"][0].as_py())).format == "WEBP"
@@ -102,7 +107,8 @@ def test_phase_is_resumable_and_parallel(tmp_path):
 
 def test_area_mode_snaps_to_fixed_buckets(tmp_path):
     _raw_shard(tmp_path / "raw" / "a.parquet", SIZES)
-    create_phase(tmp_path / "raw", tmp_path / "phase", PhaseOptions(max_res=64, bucket_mode="area"), workers=1, progress=False)
+    create_phase(tmp_path / "raw", tmp_path / "phase", PhaseOptions(max_res=64, bucket_mode="area"), workers=1,
+                 progress=False)
     table = pq.read_table(tmp_path / "phase" / "a.parquet")
     allowed = {f"{h}x{w}" for h, w in area_buckets(64, 16)}
     assert set(table["bucket_size"].to_pylist()) <= allowed
@@ -127,7 +133,8 @@ def test_row_groups_hold_about_the_target_bytes(tmp_path):
     rows = [{"image": img, "recaption": b"noise", "recaption_short": b"noise"} for img in noise]
     _raw_shard(tmp_path / "raw" / "a.parquet", [], rows)
     size = len(noise[0])  # ~12 KB of incompressible PNG
-    create_phase(tmp_path / "raw", tmp_path / "phase", PhaseOptions(max_res=64, row_group_bytes=6 * size), progress=False)
+    create_phase(tmp_path / "raw", tmp_path / "phase", PhaseOptions(max_res=64, row_group_bytes=6 * size),
+                 progress=False)
     meta = pq.ParquetFile(tmp_path / "phase" / "a.parquet").metadata
     assert meta.num_rows == 24 and 4 <= meta.num_row_groups <= 6
 
@@ -136,7 +143,8 @@ def test_hugging_face_image_structs_are_read(tmp_path):
     """The source's datasets on the hub store `image` as struct<bytes, path> (datasets' Image feature)."""
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     rows = [
-        {"image": {"bytes": helpers.solid_png(100, 200), "path": "a.png"}, "recaption": "A wide one.", "recaption_short": "wide"},
+        {"image": {"bytes": helpers.solid_png(100, 200), "path": "a.png"}, "recaption": "A wide one.",
+         "recaption_short": "wide"},
         {"image": {"bytes": None, "path": "gone.png"}, "recaption": "Missing.", "recaption_short": "missing"},
     ]
     schema = pa.schema([("image", image_type), ("recaption", pa.string()), ("recaption_short", pa.string())])

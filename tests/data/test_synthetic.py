@@ -9,7 +9,7 @@ def test_deterministic_and_prefix_stable():
     a = list(make_shapes(20, seed=3))
     b = list(make_shapes(30, seed=3))[:20]
     assert [s.recaption for s in a] == [s.recaption for s in b]
-    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b, strict=True))
     assert [s.recaption for s in a] != [s.recaption for s in make_shapes(20, seed=4)]
 
 

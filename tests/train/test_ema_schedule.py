@@ -103,7 +103,7 @@ def test_linear_warmup_then_cosine_to_zero():
     assert lrs[60] == pytest.approx(0.5e-3)
     assert lrs[35] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.25)))
     assert lrs[110] == pytest.approx(0.0, abs=1e-12) and lrs[129] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(lrs[10:111], lrs[11:111]))
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111], strict=True))  # each step against the next
     assert lr_factor(0, 0, 10, "cosine") == 1.0  # no warm-up: full lr at once
 
 

@@ -15,14 +15,16 @@ from sd3.data.cached import CacheReader
 def test_cached_training_matches_colocated(tiny_models, shapes_phase, tmp_path):
     cache = tmp_path / "cache"
     extra = (f"--topology.cache_folder={cache}", "--train.total_steps=3", "--train.save_every=100")
-    assert build_cache(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, tmp_path / "unused", *extra)), 1, 2) == 0
+    cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, tmp_path / "unused", *extra))
+    assert build_cache(cfg, 1, 2) == 0
     reader = CacheReader(cache)
     assert reader.manifest["files"] == 2 and reader.manifest["rows_cached"] > 0
 
     for mode in ("colocated", "cached"):
-        cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, tmp_path / mode, *extra, f"--topology.mode={mode}"))
+        overrides = train_overrides(tiny_models, shapes_phase, tmp_path / mode, *extra, f"--topology.mode={mode}")
+        cfg = load_config("tiny-cpu", overrides)
         assert run(cfg) == 0
-    records = {mode: [json.loads(l) for l in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    records = {mode: [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
                for mode in ("colocated", "cached")}
     colocated, cached = records["colocated"], records["cached"]
     # The cache holds the first 2 sampler steps: the same rows, captions and VAE samples -> the same losses.

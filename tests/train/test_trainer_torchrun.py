@@ -1,8 +1,9 @@
 """The real job: torchrun, gloo on CPU, 1 loader rank + 2 model ranks (tiny models, shapes data).
 
-Run A is stopped by SIGTERM to one model rank; run B resumes it (`--train.resume=auto`) to step 30 (2 micro-batches per step). Together
-they show: finite losses, checkpoints on disk at the agreed step, identical replicas, stall % and images/s in
-the log, and every row of one pass consumed exactly once across the two model ranks and the stop/resume.
+Run A is stopped by SIGTERM to one model rank; run B resumes it (`--train.resume=auto`) to step 30 (2 micro-batches
+per step). Together they show: finite losses, checkpoints on disk at the agreed step, identical replicas, stall %
+and images/s in the log, and every row of one pass consumed exactly once across the two model ranks and the
+stop/resume.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ PER_RANK_BATCH = 4  # the loader draws 8 rows per micro-step: one pass over the 
 
 
 def torchrun(args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", str(WORKER), "tiny-cpu", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", str(WORKER),
+           "tiny-cpu", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -49,7 +51,8 @@ def test_loader_and_two_model_ranks_stop_on_sigterm_and_resume(tiny_models, shap
     args = train_overrides(
         tiny_models, shapes_phase, save, "--topology.mode=loader", "--topology.backend=gloo",
         "--topology.loaders_per_node=1", "--topology.models_per_loader=2", f"--data.batch_size={PER_RANK_BATCH}",
-        f"--train.total_steps={TOTAL_STEPS}", f"--train.accumulation_steps={ACCUMULATION}", "--train.save_every=5", "--train.ema_update_every=2",
+        f"--train.total_steps={TOTAL_STEPS}", f"--train.accumulation_steps={ACCUMULATION}", "--train.save_every=5",
+        "--train.ema_update_every=2",
         "--train.record_rows=true",
     )
 
@@ -101,7 +104,8 @@ def test_loader_and_two_model_ranks_stop_on_sigterm_and_resume(tiny_models, shap
             steps_seen[rank].append(step)
             if step < epoch:
                 consumed += ids
-    assert steps_seen[0] == steps_seen[1] == list(range(TOTAL_STEPS * ACCUMULATION))  # each sampler step once per rank, in order
+    # each sampler step once per rank, in order
+    assert steps_seen[0] == steps_seen[1] == list(range(TOTAL_STEPS * ACCUMULATION))
     assert len(consumed) == len(set(consumed)), "a row was trained on twice in one pass"
     expected = set(np.concatenate([sampler.batch(s).row_ids for s in range(epoch)]).tolist())
     assert set(consumed) <= expected
