@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("sd3.commands.export", "a hub-ready folder (EMA safetensors, config, model card); --push-to-hub"),
     "recaption": ("sd3.commands.recaption", "recaption raw shards: LLaVA-NeXT captions, Llama shortens"),
     "quickstart": ("sd3.commands.quickstart", "from nothing: tiny encoders, shapes data, train on CPU, sample"),
-    "bench": ("sd3.bench", "benchmarks (model, index, loader, pipeline, learn, balance, gpu, sample_memory); JSON last"),
+    "bench": ("sd3.bench", "benchmarks: model, index, loader, pipeline, learn, balance, gpu, sample_memory"),
 }
 
 
