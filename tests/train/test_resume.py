@@ -32,7 +32,7 @@ def assert_same_tree(a, b, where: str = "") -> None:
             assert_same_tree(a[k], b[k], f"{where}/{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), f"lengths differ at {where}"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same_tree(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{a!r} != {b!r} at {where}"
@@ -42,11 +42,13 @@ def test_resume_replays_the_uninterrupted_run(tiny_models, shapes_phase, tmp_pat
     common = ("--topology.mode=colocated", "--train.deterministic=true", "--train.save_every=10",
               "--train.ema_update_every=3", "--train.reset_optim=true", "--train.reset_wandb=true")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, straight, *common, "--train.total_steps=20"))) == 0
-    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, split, *common, "--train.total_steps=10"))) == 0
+    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, straight, *common,
+                                                       "--train.total_steps=20"))) == 0
+    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, split, *common,
+                                                       "--train.total_steps=10"))) == 0
     # resume=auto continues the run exactly even though reset_optim / reset_wandb are set (they apply to PATH).
-    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, split, *common, "--train.total_steps=20",
-                                                       "--train.resume=auto"))) == 0
+    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, split, *common,
+                                                       "--train.total_steps=20", "--train.resume=auto"))) == 0
 
     a, b = losses(straight), losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 21))
@@ -99,7 +101,8 @@ def test_kill_during_checkpoint_write_falls_back_to_the_previous_one(tiny_models
     assert load_checkpoint(tmp_path / "step-00000002", map_location="cpu").train_state["train"]["step"] == 2
     # And the run continues from it.
     steps = {}
-    assert run(load_config("tiny-cpu", [*args, "--train.resume=auto"]), after_train=lambda t: steps.update(step=t.state.step)) == 0
+    assert run(load_config("tiny-cpu", [*args, "--train.resume=auto"]),
+               after_train=lambda t: steps.update(step=t.state.step)) == 0
     assert steps["step"] == 4 and resolve_checkpoint(tmp_path) == tmp_path / "step-00000004"
 
 
@@ -162,7 +165,8 @@ def test_init_from_starts_a_stage_once_then_the_save_dir_resumes_its_own(tiny_ch
 
 
 def test_resume_path_together_with_init_from_is_refused(tiny_checkpoint, tiny_models, shapes_phase, tmp_path):
-    cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, tmp_path, f"--train.resume={tiny_checkpoint}",
+    cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, tmp_path,
+                                                  f"--train.resume={tiny_checkpoint}",
                                                   f"--train.init_from={tiny_checkpoint.parent}"))
     with pytest.raises(CheckpointError, match=r"train\.resume=.*and train\.init_from=.*: give one"):
         plan_resume(cfg)
