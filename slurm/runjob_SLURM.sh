@@ -8,6 +8,12 @@
 # else a user changes is an environment variable read once in the block after the #SBATCH lines. The run always
 # resumes from `<save_dir>/latest` when there is one, so a requeued or resubmitted job continues where it stopped.
 #
+# A new stage (e.g. 512 px from the 256 px run) starts from another run's weights and EMA with train.init_from:
+#   sbatch slurm/runjob_SLURM.sh --train.init_from=runs/sd3-1b-256 --train.save_dir=runs/sd3-1b-512
+#   SD3_INIT_FROM=runs/sd3-1b-256 sbatch slurm/runjob_SLURM.sh --train.save_dir=runs/sd3-1b-512
+# init_from is used only while the new save_dir has no checkpoint of its own; after a requeue the job resumes its
+# own. --train.resume=PATH is refused: every requeue would go back to PATH's weights at step 0.
+#
 # Pre-emption: SLURM sends SIGUSR1 to this batch shell 90 s before the time limit (`B:`; without it only the step's
 # tasks would get it). The trap forwards it to the training step, whose ranks agree on a step, write that checkpoint
 # and exit 0; then the job requeues itself and, when it runs again, resumes from that checkpoint.
@@ -23,8 +29,19 @@
 #SBATCH --requeue
 set -uo pipefail
 
+# The script passes --train.resume=auto so that a requeued job continues its own save_dir. A user's resume=PATH would
+# come after it and win: each requeue would restart from PATH. Refuse before anything is allocated or started.
+for arg in "$@"; do
+    case "$arg" in --train.resume=auto|train.resume=auto) ;; --train.resume=*|train.resume=*)
+        echo "runjob_SLURM: $arg: this script always resumes its own save_dir (--train.resume=auto), and on every" \
+            "requeue resume=PATH would restart from PATH; start a new stage with --train.init_from=${arg#*=} instead" >&2
+        exit 2 ;;
+    esac
+done
+
 # ---- knobs (environment variables; sbatch passes the submitting shell's environment to the job) ----
 CONFIG=${SD3_CONFIG:-sd3-1b-256}              # preset name in sd3/configs or a path to a .toml file
+INIT_FROM=${SD3_INIT_FROM:-}                  # a new stage from this run's checkpoint (train.init_from); "" = none
 NNODES=${SLURM_JOB_NUM_NODES:?run this script with sbatch}
 NPROC=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}   # processes per node: one per GPU (loader ranks included)
 # Rendezvous port: below Linux's ephemeral range (32768+, where outgoing connections take their local ports), so
@@ -134,7 +151,7 @@ srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad
     "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --nproc_per_node "$NPROC" \
     --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$head_ip:$PORT" \
-    --no-python "$SD3" train --config "$CONFIG" --train.resume=auto "$@" &
+    --no-python "$SD3" train --config "$CONFIG" --train.resume=auto ${INIT_FROM:+"--train.init_from=$INIT_FROM"} "$@" &
 step_pid=$!
 
 # `wait` returns early when a trapped signal arrives; keep waiting until the step itself has exited.
