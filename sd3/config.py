@@ -186,6 +186,10 @@ class TrainConfig:
     # the NCCL watchdog): writing ~20 GB to a network file system can take many minutes.
     save_timeout_minutes: float = 60.0
     bucket_cap_mb: int = 25  # DDP all-reduce bucket size (torch's default 25)
+    # How the model ranks share the work: ddp keeps a full replica (weights, gradients, AdamW state) on each rank;
+    # fsdp (FSDP2, fully_shard per block) shards all three over the model ranks, for models that do not fit
+    # replicated (2B+, or the 1.2B at larger batch on 40 GB GPUs). Checkpoints are the same files in both modes.
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
     # Per-block gradient and weight norms (after unscaling) to metrics.jsonl and wandb every N steps; 0 = off.
     grad_norms_every: int = 0
     save_dir: str = "runs/sd3"

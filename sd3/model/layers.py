@@ -12,7 +12,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class TimestepEmbedding(nn.Module):
+def scalar_parameter(value: float) -> nn.Parameter:
+    """A learnable scalar stored with shape (1,), not (): FSDP2's fully_shard refuses 0-dim parameters."""
+    return nn.Parameter(torch.tensor([float(value)]))
+
+
+def fit_scalar(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`value` reshaped to `shape` when it is a 0-dim tensor saved for a (1,) scalar parameter (checkpoints written
+    before the scalars became (1,)); anything else is returned as it is, so real shape mismatches still fail."""
+    return value.reshape(shape) if value.dim() == 0 and tuple(shape) == (1,) else value
+
+
+class ScalarsLoad(nn.Module):
+    """Mixin: loads checkpoints whose scalar parameters were saved with shape () (see `fit_scalar`)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, param in self.named_parameters(recurse=False):
+            key = prefix + name
+            if key in state_dict:
+                state_dict[key] = fit_scalar(state_dict[key], param.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class TimestepEmbedding(ScalarsLoad):
     """Sinusoidal embedding of `t · s` then a linear layer, with a learnable time scale `s` (init 1000).
 
     The source (003_5bc3fb5fdb7c8fe6.txt, Model Details 4) lets the model learn the range the timestep is spread over,
@@ -24,7 +46,7 @@ class TimestepEmbedding(nn.Module):
         half = frequency_dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs, persistent=False)  # (F/2,)
-        self.time_scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.time_scale = scalar_parameter(init_scale)  # (1,)
         self.proj = nn.Linear(frequency_dim, dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -34,7 +56,7 @@ class TimestepEmbedding(nn.Module):
         return self.proj(emb.to(self.proj.weight.dtype))  # (B, D)
 
 
-class SeedTimestepEmbedding(nn.Module):
+class SeedTimestepEmbedding(ScalarsLoad):
     """The source's time embedding (`model.time_embedding = "seed"`, SEED_SPEC §g item 1): a D-wide sinusoid of
     t·s with angles a_k = t·s / 10000^(2k/D), k < D, laid out [sin(a_0, a_2, ...), cos(a_1, a_3, ...)], then a
     Linear(D, D) without bias. Its lowest frequency is 10000^-2; kept only so converted checkpoints are exact."""
@@ -45,7 +67,7 @@ class SeedTimestepEmbedding(nn.Module):
             raise ValueError(f"the seed time embedding needs an even model dim, got {dim}")
         freqs = max_period ** (-2 * torch.arange(dim, dtype=torch.float64) / dim)  # (D,): fp64 so 1e-8 is exact
         self.register_buffer("freqs", freqs.float(), persistent=False)
-        self.time_scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.time_scale = scalar_parameter(init_scale)  # (1,)
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -58,7 +80,7 @@ def make_time_embedding(kind: str, dim: int) -> nn.Module:
     return SeedTimestepEmbedding(dim) if kind == "seed" else TimestepEmbedding(dim)
 
 
-class TextPartEmbedding(nn.Module):
+class TextPartEmbedding(ScalarsLoad):
     """One text encoder's tokens -> model width: RMSNorm, a learnable scalar (model.text_scale_init), a projection.
 
     Each encoder gets its own norm because their statistics differ, and the scalar because some encoders
@@ -69,7 +91,7 @@ class TextPartEmbedding(nn.Module):
     def __init__(self, in_dim: int, dim: int, init_scale: float = 0.01):
         super().__init__()
         self.norm = nn.RMSNorm(in_dim, eps=1e-6)
-        self.scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.scale = scalar_parameter(init_scale)  # (1,)
         self.proj = nn.Linear(in_dim, dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,7 @@ def convert(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
     def heads(weight: torch.Tensor) -> torch.Tensor:  # (H·Dqk, ...) rows permuted within each head
         return weight.unflatten(0, (H, qk_dim))[:, perm].flatten(0, 1)
 
-    out["time_embed.time_scale"] = get("time_scale").reshape(())
+    out["time_embed.time_scale"] = get("time_scale").reshape(1)
     out["time_embed.proj.weight"] = get("t_emb2.weight")
     linear("pooled_embed", get("cond_MLP.weight"))
     d_bert = cfg.text_dims[1]
@@ -134,7 +134,7 @@ def convert(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
         if width is not None:  # RMS over the padded width vs over the real one: factor √(padded / real)
             norm_w, proj_w = norm_w[:width] * math.sqrt(norm_w.shape[0] / width), proj_w[:, :width]
         out[f"text_embed.{i}.norm.weight"] = norm_w
-        out[f"text_embed.{i}.scale"] = get(scalar).reshape(())
+        out[f"text_embed.{i}.scale"] = get(scalar).reshape(1)
         linear(f"text_embed.{i}.proj", proj_w)
     out["patch_embed.conv.weight"] = get("pos_enc.proj.weight")
     out["patch_embed.conv.bias"] = torch.zeros(D)

@@ -102,13 +102,17 @@ class Checkpointer:
     """Saves `components` (name -> Stateful) to train.save_dir and restores them from a ResumePlan.
 
     components must include "model", "ema" and "train" (the TrainState); is_main: this rank writes (the model
-    group's rank 0); group: the model ranks' process group, or None when training alone.
+    group's rank 0); group: the model ranks' process group, or None when training alone; sharded: the model is
+    sharded (FSDP), so every model rank calls every component's state_dict() — gathering the full tensors is a
+    collective — and rank 0 alone writes them. The files are the same in both modes (sd3/train/fsdp.py).
     """
 
-    def __init__(self, cfg: Config, components: dict[str, Stateful], is_main: bool, group: Any = None):
+    def __init__(self, cfg: Config, components: dict[str, Stateful], is_main: bool, group: Any = None,
+                 sharded: bool = False):
         self.cfg = cfg
         self.components = components
         self.is_main = is_main
+        self.sharded = sharded
         self.last_saved = -1
         self.barrier_group = None
         if group is not None:
@@ -129,24 +133,25 @@ class Checkpointer:
         ts = self.train_state
         self.last_saved = ts.step
         path = None
-        if self.is_main:
+        if self.is_main or self.sharded:
             states = {name: c.state_dict() for name, c in self.components.items() if name not in WEIGHT_COMPONENTS}
+            model_state, ema_state = self.components["model"].state_dict(), self.components["ema"].state_dict()
+        if self.is_main:
             tc = self.cfg.train
-            path = save_checkpoint(
-                tc.save_dir, ts.step, self.components["model"].state_dict(), self.components["ema"].state_dict(),
-                states, self.cfg.to_dict(), ts.meta(), tc.keep_last, tc.keep_every,
-            )
+            path = save_checkpoint(tc.save_dir, ts.step, model_state, ema_state, states, self.cfg.to_dict(), ts.meta(),
+                                   tc.keep_last, tc.keep_every)
         if self.barrier_group is not None:
             timeout = datetime.timedelta(minutes=self.cfg.train.save_timeout_minutes)
             dist.monitored_barrier(self.barrier_group, timeout=timeout)
         return path
 
     def load(self, plan: ResumePlan) -> None:
-        """Restore the weights and EMA; with plan.exact every other component too."""
+        """Restore the weights and EMA; with plan.exact every other component too. Every model rank reads the
+        checkpoint's full tensors; sharded components keep their own shards of them."""
         loaded = load_checkpoint(plan.directory, map_location="cpu")
         try:
             self.components["model"].load_state_dict(loaded.model_state)
-        except RuntimeError as e:
+        except (RuntimeError, KeyError, ValueError) as e:
             raise RuntimeError(f"checkpoint {plan.directory} does not fit [model] of this config: {e}") from None
         self.components["ema"].load_state_dict(loaded.ema_state)
         ts = self.train_state

@@ -4,12 +4,19 @@ shadow ← decay·shadow + (1 − decay)·weight at every `update` call; the tra
 (source README: every `ema_update_freq` = 100 optimizer steps with `ema_decay` = 0.99). The shadow lives on the
 model's device by default (train.ema_device = "device": one fused `_foreach_lerp_` over all tensors, no
 host copy, no host sync) or on the CPU to save accelerator memory (train.ema_device = "cpu").
+
+Under FSDP (train.parallelism = "fsdp") the model's state_dict holds DTensor shards, so each shadow is a shard too:
+every rank averages its own part, and `state_dict()` gathers the full tensors (a collective on every model rank).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+from sd3.model.layers import fit_scalar
+from sd3.train.fsdp import full_tensors, load_full
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -65,19 +72,26 @@ class EMA:
             if key not in self._averaged:
                 shadow.copy_(self._to_shadow(state[key]))
 
+    @property
+    def sharded(self) -> bool:
+        return any(isinstance(v, DTensor) for v in self.shadow.values())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The fp32 averaged weights, keyed like the model's state_dict (written to ema.safetensors)."""
-        return dict(self.shadow)
+        """The fp32 averaged weights, keyed like the model's state_dict (written to ema.safetensors): full tensors,
+        gathered from the shards when sharded (then every model rank must call it)."""
+        return full_tensors(self.shadow) if self.sharded else dict(self.shadow)
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Full tensors (ema.safetensors) into the shadow, each rank taking its shard when sharded."""
         self._check_keys(state, "load_state_dict")
+        state = {k: fit_scalar(v, self.shadow[k].shape) for k, v in state.items()}  # () scalars of older checkpoints
         for key, shadow in self.shadow.items():
             if state[key].shape != shadow.shape:
                 raise ValueError(
                     f"EMA.load_state_dict: '{key}' has shape {tuple(state[key].shape)}, expected {tuple(shadow.shape)}"
                 )
-            shadow.copy_(state[key].to(device=self.device, dtype=shadow.dtype))
+        load_full(self.shadow, state)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -19,7 +19,6 @@ the loss and gradient norm stay on the device until a log step reads them.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -33,8 +32,9 @@ from sd3.seeds import generator, stream_seed
 from sd3.train.checkpointer import Checkpointer, ResumePlan
 from sd3.train.ema import EMA
 from sd3.train.flow import training_loss
+from sd3.train.fsdp import ModelState, OptimizerState
 from sd3.train.logging import new_run_id
-from sd3.train.parallel import ModelRanks, parallelize
+from sd3.train.parallel import ModelRanks, clip_grad_norm, gradient_sync, parallelize, sharded
 from sd3.train.reporter import MetricsReporter
 from sd3.train.schedule import build_scheduler
 from sd3.train.sources import BatchSource
@@ -76,6 +76,9 @@ class Trainer:
             torch.manual_seed(stream_seed(tc.seed, "init"))
             self.model = build_model(cfg.model).to(self.device)
         self.precision = resolve_precision(tc.precision, self.device)
+        # self.model is what checkpoints, the EMA and clipping see: the plain MMDiT under DDP (self.ddp wraps it),
+        # sharded in place under FSDP — so the optimizer and the EMA are built from the sharded parameters, after.
+        self.ddp = parallelize(self.model, tc, ranks, self.precision.autocast_dtype)
         self.optimizer = build_optimizer(self.model, tc, self.device)
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
@@ -83,14 +86,13 @@ class Trainer:
         data_identity = {k: v for k, v in source.sampler.state_dict().items() if k != "step"}
         self.state = TrainState(run_id=new_run_id(), sampler=data_identity, num_loaders=source.num_loaders)
         self.checkpointer = Checkpointer(
-            cfg, {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scheduler": self.scheduler,
+            cfg, {"model": ModelState(self.model), "ema": self.ema,
+                  "optimizer": OptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
                   "scaler": self.scaler, "train": self.state},
-            is_main=ranks.is_main, group=ranks.group if ranks.is_ddp else None,
+            is_main=ranks.is_main, group=ranks.group if ranks.is_ddp else None, sharded=sharded(tc, ranks),
         )
         if plan is not None:
             self.checkpointer.load(plan)
-        # self.model stays the plain MMDiT (checkpoints, EMA, clipping); self.ddp is what runs forward/backward.
-        self.ddp = parallelize(self.model, tc, ranks)
         self.stop_from_source = False  # a loader forwarded a stop signal it received
         self.pending_norms: dict[str, torch.Tensor] = {}  # per-block norms waiting for the next log step
 
@@ -117,10 +119,9 @@ class Trainer:
             # This micro-batch's own random stream (CFG masks, timesteps, noise), on the model's device so the
             # draws need no host-to-device copy.
             gen = generator(tc.seed, state.micro_step, self.ranks.rank, "train", device=self.device)
-            # DDP all-reduces gradients inside backward; before the last micro-batch only accumulate locally.
+            # DDP / FSDP reduce gradients inside backward; before the last micro-batch only accumulate locally.
             last = micro == tc.accumulation_steps - 1
-            sync = self.ddp.no_sync() if self.ranks.is_ddp and not last else contextlib.nullcontext()
-            with sync:
+            with gradient_sync(self.ddp, self.model, last):
                 with self.precision.autocast():
                     loss = training_loss(self.ddp, batch, gen, self.cfg) / tc.accumulation_steps
                 self.scaler.scale(loss).backward()
@@ -130,7 +131,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)  # a no-op without fp16; clipping must see true gradient sizes
         if tc.grad_norms_every > 0 and (state.step + 1) % tc.grad_norms_every == 0:
             self.pending_norms = block_norms(self.model)  # after unscaling, before clipping; device tensors
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        grad_norm = clip_grad_norm(self.model, tc.grad_clip)  # the global norm, also under FSDP
         # fp16: the GradScaler skips steps with inf gradients by itself (it is how it finds its scale); only a
         # non-finite loss counts. Otherwise a non-finite loss or gradient norm means: do not touch the weights.
         finite = torch.isfinite(loss_total)
