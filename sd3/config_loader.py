@@ -226,5 +226,8 @@ def check_ranges(cfg: Config, source: str = "") -> None:
     if model.positional_encoding == "RoPE2d" and (model.dim // model.num_heads) % 4:
         raise ConfigError(f"{where}model.positional_encoding 'RoPE2d' needs a head dim (model.dim / model.num_heads "
                           f"= {model.dim // model.num_heads}) divisible by 4")
+    if cfg.train.text_loss_weight > 0 and not model.text_loss:
+        raise ConfigError(f"{where}train.text_loss_weight is {cfg.train.text_loss_weight} but model.text_loss is "
+                          "false: the text loss needs the text head (set model.text_loss=true)")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"{where}config key 'train.betas' is {cfg.train.betas!r}, expected two numbers")

@@ -5,7 +5,9 @@ Stages, each skipped when its output is already there (so an interrupted quick s
   2. make-dataset     synthetic shapes with captions (raw shards)        -> ROOT/data/quickstart/raw
   3. create-phase     resized into buckets, sides multiples of 16        -> ROOT/data/quickstart/phase
   4. create-indices   bucket -> row ids                                  -> ROOT/data/quickstart/bucket_indices.npz
+                      (2-4 again for a small held-out set of another seed -> ROOT/data/quickstart/heldout)
   5. train            torchrun, 1 loader rank + 2 model ranks, gloo/CPU  -> ROOT/runs/quickstart (resumes from latest)
+                      validating every 500 steps and at the end: grids in runs/quickstart/samples, val_loss
   6. sample           a grid for a few prompts                           -> ROOT/runs/quickstart/quickstart_grid.png
 Each stage prints its progress; the last line is the path of the grid PNG.
 """
@@ -23,6 +25,10 @@ from pathlib import Path
 from sd3.commands import make_tiny
 from sd3.commands.arguments import run_command
 from sd3.devices import resolve_precision_name
+
+HELDOUT_IMAGES = 64  # held-out shapes for the validation loss (validation.rows of the preset: 32)
+HELDOUT_SEED = 1  # another seed than the training set's 0: other shapes, colours and positions
+VALIDATE_EVERY = 500
 
 PROMPTS = (  # the shapes data's caption style: one chromatic shape on white or black (sd3/data/synthetic.py)
     "A red circle in the center of a white background.",
@@ -91,6 +97,7 @@ class Paths:
         self.models = root / "data" / "tiny-models"
         self.data = root / "data" / "quickstart"
         self.shapes = ShapesDataset.under(self.data)  # raw, phase, index
+        self.heldout = ShapesDataset.under(self.data / "heldout")  # the validation loss's rows, never trained on
         self.run = root / "runs" / "quickstart"
         self.grid = self.run / "quickstart_grid.png"
 
@@ -139,6 +146,13 @@ def prepare_data(paths: Paths, args: argparse.Namespace) -> list[str]:
         print(f"[{numbers[stage]}/6] {stage}{'' if status == '...' else ':'} {status}", flush=True)
 
     prepare_shapes(paths.data, args.n_images, max_res=64, seed=0, n_proc=2, progress=True, log=log)
+    # The held-out set does not change what training sees, so redoing it is not a reason to refuse a resume (it is
+    # not in `ran`); its stages report on one line of their own.
+    heldout_ran = []
+    prepare_shapes(paths.data / "heldout", HELDOUT_IMAGES, max_res=64, seed=HELDOUT_SEED, n_proc=1,
+                   log=lambda stage, status: heldout_ran.append(stage) if status == "..." else None)
+    print(f"[4/6] held-out shapes for validation: {'made' if heldout_ran else 'ready'} ({paths.data / 'heldout'})",
+          flush=True)
     return ran
 
 
@@ -152,6 +166,8 @@ def overrides(paths: Paths, args: argparse.Namespace) -> list[str]:
         f"--train.total_steps={args.steps}", f"--train.save_dir={paths.run}",
         f"--train.save_every={max(50, args.steps // 4)}", "--train.resume=auto",
         f"--train.num_threads={args.threads}",
+        f"--validation.every={VALIDATE_EVERY}", f"--validation.parquet_folder={paths.heldout.phase}",
+        f"--validation.bucket_indices_path={paths.heldout.index}",
     ]
 
 

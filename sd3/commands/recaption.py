@@ -12,9 +12,9 @@ import json
 import os
 from pathlib import Path
 
-from sd3.data.captioners import DEFAULT_CAPTIONER, DEFAULT_SHORTENER, Captioner, Shortener
 from sd3.data.recaption import my_shards, recaption_shards
 from sd3.devices import resolve_device, resolve_dtype
+from sd3.encoders.captioners import DEFAULT_CAPTIONER, DEFAULT_SHORTENER, Captioner, Shortener
 from sd3.errors import ConfigError
 
 

@@ -4,6 +4,7 @@ Under torchrun every process runs this; its role comes from [topology] (sd3/dist
 send batches (`run_loader`), model ranks train (`Trainer`). With topology.mode=colocated or cached, every
 process is a model rank with its own data, and a single process needs no torchrun at all. Resume
 (`--train.resume=auto|PATH`, reset_optim, reset_wandb) is decided once by sd3/train/checkpointer.py.
+With validation.every > 0, model rank 0 builds the Validator (sd3/eval/validation.py) and hands it to its Trainer.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sd3.distributed import init_distributed, shutdown_distributed, signals
 from sd3.distributed.heartbeat import name_hung_first
 from sd3.distributed.loader import run_loader
 from sd3.errors import user_error_line
+from sd3.eval.validation import Validator
 from sd3.train.checkpoint import check_checkpoint
 from sd3.train.checkpointer import ResumePlan, data_start, plan_resume
 from sd3.train.sources import build_source, loader_sampler
@@ -97,7 +99,10 @@ def train_model_rank(cfg: Config, topology, plan: ResumePlan | None,
                       flush=True)
             group = topology.model_group if topology.num_model_ranks > 1 else None
             ranks = ModelRanks(topology.device, group, topology.model_rank, topology.num_model_ranks)
-            trainer = Trainer(cfg, ranks, source, plan)
+            # Built before the first step (it encodes the prompts and held-out rows once); the loaders are already
+            # producing meanwhile, and the other model ranks wait for rank 0 at the Trainer's first collective.
+            validator = Validator(cfg, topology.device) if cfg.validation.every > 0 and ranks.is_main else None
+            trainer = Trainer(cfg, ranks, source, plan, validator=validator)
             code = trainer.train()
             if after_train is not None:
                 after_train(trainer)

@@ -38,6 +38,7 @@ from sd3.encoders.conditioner import Conditioner
 from sd3.encoders.vae import LatentVAE
 from sd3.eval.grid import captioned_grid
 from sd3.sample.pipeline import Pipeline, build_in_dtype, drop_vae_encoder
+from sd3.sample.samplers import make_timesteps
 from sd3.seeds import generator
 from sd3.train.ema import EMA, unwrap
 from sd3.train.flow import add_noise, flow_loss, velocity_target
@@ -166,11 +167,12 @@ class Validator:
         context, pooled = self.context.to(self.device, self.pipe.dtype), self.pooled.to(self.device, self.pipe.dtype)
         uncond = (torch.zeros_like(context), torch.zeros_like(pooled))  # the null condition training drops to
         gen = torch.Generator(self.device).manual_seed(self.cfg.validation.seed + n)  # stochastic samplers' noise
+        timesteps = make_timesteps(s.num_steps, s.shift)  # (N+1,) as Pipeline.__call__ without an init image
         images = []
         for lo in range(0, n, MAX_BATCH):
             sl = slice(lo, lo + MAX_BATCH)
             latents = self.pipe.denoise(noise[sl], context[sl], pooled[sl], (uncond[0][sl], uncond[1][sl]),
-                                        s.cfg_scale, s.num_steps, s.sampler, gen)  # (b, C, h, w)
+                                        s.cfg_scale, timesteps, s.sampler, gen)  # (b, C, h, w)
             images += self.pipe.decode(latents)
         return images
 

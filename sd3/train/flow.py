@@ -139,7 +139,8 @@ def training_loss(model: VelocityModel, batch: Batch, generator: torch.Generator
     """The training objective of one micro-batch (already on the model's device): CFG dropout of the
     conditioning, t and noise, prediction, loss. Run it under the precision's autocast.
 
-    The generator's draws, in order: 3·B CFG uniforms, B timesteps, the noise (see cfg_dropout, draw_path).
+    The generator's draws, in order: 3·B CFG uniforms, B timesteps, the noise (see cfg_dropout, draw_path), and
+    with train.text_loss_weight > 0 then B·2T mask uniforms (text_loss_mask); the loss adds weight × text_loss.
     """
     tc = cfg.train
     # One memory layout whatever the source: the VAE returns channels-last latents, a cache or the transport
@@ -150,7 +151,13 @@ def training_loss(model: VelocityModel, batch: Batch, generator: torch.Generator
         tc.null_prob_pooled, tc.null_prob_gemma, tc.null_prob_bert, generator,
     )  # (B, 2T, D), (B, P)
     t, noise = draw_path(x0, generator, tc.timestep_mean, tc.timestep_std)  # (B,), (B, C, h, w)
-    return velocity_loss(model, x0, t, noise, context, pooled)
+    if tc.text_loss_weight <= 0:
+        return velocity_loss(model, x0, t, noise, context, pooled)
+    # The masked text regression (§e), drawn after t and noise so the flow part's stream is unchanged: hide some
+    # tokens of the kept caption parts, predict the velocity and the hidden context from what is left.
+    mask = text_loss_mask(kept_parts(context, cfg.model.text_tokens), cfg.model.text_tokens, generator)  # (B, 2T)
+    v, text_pred = model(add_noise(x0, noise, t), t, hide_text(context, mask), pooled, return_text=True)
+    return flow_loss(v, velocity_target(x0, noise)) + tc.text_loss_weight * text_loss(text_pred, context, mask)
 # ---------------------------------------------------------------------------------------------- text loss (§e)
 # The source's "NSP" text loss (SEED_SPEC §e) is a masked-token regression on the text-encoder embeddings: a text
 # head on the last block's text stream predicts the context, and the loss is taken on the tokens that were hidden

@@ -128,7 +128,8 @@ class RunLogger:
         record = {"step": step, "time": time.time(), **values}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        shown = {k: v for k, v in values.items() if not k.startswith("skipped_") or v}
+        # Zero skip counts are noise; a balance_advice line was printed on its own (MetricsReporter.report).
+        shown = {k: v for k, v in values.items() if (not k.startswith("skipped_") or v) and k != "balance_advice"}
         brief = {k: shown[k] for k in ("loss", "lr", "images_per_s", "stall_pct") if k in shown}
         self.bar.set_postfix_str(format_metrics(brief), refresh=False)
         tqdm.write(f"step {step} {format_metrics(shown)}")

@@ -3,10 +3,15 @@
 Between log steps nothing here touches the device: throughput and skip counts are host numbers the sources
 report, and the step's loss / gradient norm stay device tensors until `report` reads them (one host sync per
 log step instead of two per step).
+
+Each log window also feeds the BalanceMonitor (sd3/train/balance.py): the worst rank's stall and the loader's busy /
+wait share of the window (loader_busy_pct, loader_wait_pct). Its advice, when a run is persistently out of balance,
+is printed once and logged as `balance_advice`; its summary closes the run.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 from sd3.batch import Batch
-from sd3.config import Config
+from sd3.config import LOADER_MODES, Config
 from sd3.data.batches import SKIP_REASONS
 from sd3.model.flops import train_flops_per_image
+from sd3.train.balance import BalanceMonitor, WindowStats, loader_load
 from sd3.train.logging import RunLogger
 from sd3.train.metrics import Window, peak_flops
 from sd3.train.parallel import ModelRanks
@@ -49,6 +55,9 @@ class MetricsReporter:
         self.counts_rows = counts_rows
         self.peak = peak_flops(ranks.device)
         self.window = Window()
+        # Model ranks per loader: in colocated / cached mode every rank is its own loader.
+        consumers = cfg.topology.models_per_loader if cfg.topology.mode in LOADER_MODES else 1
+        self.balance = BalanceMonitor(consumers=consumers)
         self.skipped_rows: dict[str, int] = {}  # latest cumulative counts of this process's source
         save_dir = Path(tc.save_dir)
         self.rows_file = None
@@ -78,8 +87,15 @@ class MetricsReporter:
         """Log the window since the last report; returns the all-loader skip totals. A collective: every model
         rank calls it at the same step. Tensors in `values` (loss, grad_norm) are read here, the one sync."""
         values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
+        wall_s = time.perf_counter() - self.window.start
         values.update(self.window.report(self.peak))
         values["stall_pct_max"] = self.max_over_ranks(values["stall_pct"])  # rank 0's own stall can hide a slow rank
+        busy, wait = loader_load(self.window.loader_start, self.window.loader_now, wall_s)
+        values["loader_busy_pct"], values["loader_wait_pct"] = busy, wait
+        advice = self.balance.update(WindowStats(values["stall_pct"], values["stall_pct_max"], busy, wait))
+        if advice is not None:  # returned once per run
+            values["balance_advice"] = advice
+            self.info(advice)
         totals = self.total_skipped_rows(skipped_base)
         for reason, count in totals.items():
             values[f"skipped_{reason}"] = count
@@ -109,6 +125,17 @@ class MetricsReporter:
             values = values.to(self.ranks.device)
             dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.ranks.group)
         return {r: int(base.get(r, 0) + v) for r, v in zip(SKIP_VOCABULARY, values.tolist(), strict=True)}
+
+    def exclude_time(self, seconds: float) -> None:
+        """Leave `seconds` of non-training work (validation) out of the current window's wall time."""
+        self.window.start += seconds
+
+    def summarize_balance(self, step: int) -> None:
+        """The BalanceMonitor's end-of-run line, and its figures as a metrics.jsonl record at `step`."""
+        self.info(self.balance.summary())
+        figures = self.balance.figures()
+        if figures:
+            self.log.log(step, figures)
 
     def info(self, message: str) -> None:
         self.log.info(message)

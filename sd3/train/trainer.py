@@ -6,7 +6,8 @@ prediction under autocast; DDP all-reduces only on the last micro-batch); then c
 on "finite?" and "stop?" with one small all_reduce, step AdamW and the LR schedule, update the EMA.
 `Trainer.train` runs steps, reports, checkpoints and stops. The parts live beside it: `parallelize` (DDP,
 compile), `Checkpointer` (save / resume of the components), `TrainState` (position, counters, RNG),
-`MetricsReporter` (windows, collectives at log steps, the sinks).
+`MetricsReporter` (windows, collectives at log steps, the sinks, the loader:model balance). An optional
+`StepHook` (the Validator of sd3/eval, built by sd3/commands/train.py on model rank 0) runs after each report.
 
 Randomness: the noise, timesteps and CFG masks of micro-batch k on model rank r come from a generator on the
 model's device seeded by (seed, "train", k, r) — never from a global RNG — and the data of micro-batch k is
@@ -19,11 +20,15 @@ the loss and gradient norm stay on the device until a log step reads them.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from sd3.config import Config
 from sd3.distributed import signals
@@ -33,7 +38,7 @@ from sd3.train.checkpointer import Checkpointer, ResumePlan
 from sd3.train.ema import EMA
 from sd3.train.flow import training_loss
 from sd3.train.fsdp import ModelState, OptimizerState
-from sd3.train.logging import new_run_id
+from sd3.train.logging import RunLogger, new_run_id
 from sd3.train.parallel import ModelRanks, clip_grad_norm, gradient_sync, parallelize, sharded
 from sd3.train.reporter import MetricsReporter
 from sd3.train.schedule import build_scheduler
@@ -41,7 +46,18 @@ from sd3.train.sources import BatchSource
 from sd3.train.state import TrainState
 from sd3.train.step import block_norms, build_optimizer, resolve_precision
 
-__all__ = ["ModelRanks", "NonFiniteError", "StepResult", "Trainer"]
+__all__ = ["ModelRanks", "NonFiniteError", "StepHook", "StepResult", "Trainer"]
+
+
+class StepHook(Protocol):
+    """Work run on this model rank after a step's report, before its checkpoint: the Validator of
+    sd3/eval/validation.py (sd3/train must not import sd3/eval, so the command builds it and hands it in).
+
+    maybe_run decides itself whether `step` is due, logs through `logger`, and returns what it logged or None.
+    """
+
+    def maybe_run(self, step: int, model: nn.Module, ema: EMA, logger: RunLogger,
+                  autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, Any] | None: ...
 
 
 class NonFiniteError(RuntimeError):
@@ -61,13 +77,16 @@ class Trainer:
     """Trains one MMDiT replica on this model rank from `source`.
 
     cfg: the resolved Config; ranks: device and DDP group; source: the micro-batch stream (sd3/train/sources.py);
-    plan: a checkpoint to start from (sd3/train/checkpointer.py), or None for a fresh run.
+    plan: a checkpoint to start from (sd3/train/checkpointer.py), or None for a fresh run; validator: a StepHook
+    run after each report (only model rank 0 gets one; the other ranks wait at their next collective).
     """
 
-    def __init__(self, cfg: Config, ranks: ModelRanks, source: BatchSource, plan: ResumePlan | None = None):
+    def __init__(self, cfg: Config, ranks: ModelRanks, source: BatchSource, plan: ResumePlan | None = None,
+                 validator: StepHook | None = None):
         self.cfg = cfg
         self.ranks = ranks
         self.source = source
+        self.validator = validator
         self.device = ranks.device
         tc = cfg.train
 
@@ -188,6 +207,8 @@ class Trainer:
                 self.reporter.log.advance()
                 if state.step % tc.log_every == 0 or result.stop or state.step == tc.total_steps:
                     self.report(result)
+                if self.validator is not None and not result.stop:  # a preempted run spends its grace on saving
+                    self.validate()
                 if result.stop:
                     self.save()
                     self.reporter.info(
@@ -214,6 +235,14 @@ class Trainer:
         self.pending_norms = {}
         self.reporter.report(self.state.step, values, self.state.skipped_base)
 
+    def validate(self) -> None:
+        """Run the validator if due; its time is left out of the throughput window (it is not training time)."""
+        start = time.perf_counter()
+        logged = self.validator.maybe_run(self.state.step, self.model, self.ema, self.reporter.log,
+                                          self.precision.autocast)
+        if logged is not None:
+            self.reporter.exclude_time(time.perf_counter() - start)
+
     def save(self) -> None:
         """Checkpoint the current step: rank 0 writes, every model rank waits until it is on disk."""
         # A collective, so before the rank-0-only part.
@@ -227,4 +256,5 @@ class Trainer:
         """Release the data source (loaders stop after the last consumed step). The last save's barrier already
         made every model rank wait for rank 0's checkpoint."""
         self.source.stop(self.state.micro_step)
+        self.reporter.summarize_balance(self.state.step)
         self.reporter.close()

@@ -14,13 +14,13 @@ from PIL import Image
 from scipy.special import expit
 from scipy.stats import norm
 
+from sd3.commands.train import run
 from sd3.config_loader import apply_override, config_from_dict, load_config
 from sd3.eval.validation import Validator, loss_timesteps
 from sd3.sample.pipeline import Pipeline
 from sd3.train.checkpoint import load_checkpoint
 from sd3.train.ema import EMA
-from sd3.train.sources import ColocatedSource
-from sd3.train.trainer import ModelRanks, Trainer
+from sd3.train.trainer import Trainer
 
 PROMPTS = ["A red circle in the center of a white background.", "A blue star in the center of a black background."]
 CPU = torch.device("cpu")
@@ -46,23 +46,30 @@ def test_loss_timesteps_are_the_probability_midpoints_of_the_logit_normal():
 
 
 def test_short_run_writes_grids_and_a_heldout_loss_curve(tmp_path, tiny_models, shapes_phase):
-    """4 colocated steps, validating at 2 and 4 the way the Trainer is to call it (after the step, on rank 0)."""
+    """4 colocated steps through `sd3 train`'s own path: it builds the Validator on model rank 0 and Trainer.train()
+    calls it after each report; validating at 2 and 4 (every 2, and the last step)."""
     cfg = load_config("tiny-cpu", train_overrides(
         tiny_models, shapes_phase, tmp_path, "--topology.mode=colocated", "--train.total_steps=4",
         "--train.save_every=100", *validation_overrides(shapes_phase, every=2),
     ))
-    trainer = Trainer(cfg, ModelRanks(CPU), ColocatedSource(cfg, 0, 1, CPU, 0))
-    validator = Validator(cfg, CPU)
-    assert validator.rows == 6
     logged = {}
-    try:
-        while trainer.step < cfg.train.total_steps:
-            trainer.train_step()
-            out = validator.maybe_run(trainer.step, trainer.model, trainer.ema, trainer.log, trainer.precision.autocast)
-            if out is not None:
-                logged[trainer.step] = out
-    finally:
-        trainer.finish()
+    validators = []
+
+    def inspect(trainer: Trainer) -> None:
+        validators.append(trainer.validator)
+
+    real_maybe_run = Validator.maybe_run
+
+    def recording(self, step, *args, **kwargs):  # the real call, its result kept for the asserts
+        out = real_maybe_run(self, step, *args, **kwargs)
+        if out is not None:
+            logged[step] = out
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Validator, "maybe_run", recording)
+        assert run(cfg, after_train=inspect) == 0
+    assert isinstance(validators[0], Validator) and validators[0].rows == 6
 
     assert sorted(logged) == [2, 4]
     for step in (2, 4):
@@ -70,9 +77,13 @@ def test_short_run_writes_grids_and_a_heldout_loss_curve(tmp_path, tiny_models, 
         assert logged[step]["val_grid"] == str(grid)
         with Image.open(grid) as image:
             assert image.width >= 2 * 128 and image.height > 128  # 2 cells of >= 128 px, captions under them
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     curve = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in curve] == [2, 4]
+    # After the step's report (Trainer.train: report, validate, save).
+    steps_logged = [r["step"] for r in records if "loss" in r or "val_loss" in r]
+    assert steps_logged == [1, 2, 2, 3, 4, 4]
     for r in curve:
         buckets = [r[f"val_loss_t{k}"] for k in range(8)]
         assert all(np.isfinite(buckets)) and r["val_loss"] == pytest.approx(np.mean(buckets))

@@ -53,3 +53,40 @@ def test_balanced_run_summary():
         assert monitor.update(WindowStats(1.0, 2.0, 80.0, 15.0)) is None
     assert monitor.summary().startswith("balance: balanced over 4 windows")
     assert monitor.figures()["balance_stall_pct_max_mean"] == pytest.approx(2.0)
+
+
+def test_a_loader_bound_run_prints_the_advice_once(tiny_models, shapes_phase, tmp_path, monkeypatch, capsys):
+    """A real colocated run whose VAE encoding is slowed on purpose: the Trainer's reporter feeds the monitor each
+    window, prints the advice once, logs it and the loader's busy / wait shares, and closes with the summary."""
+    import json
+    import time
+
+    import torch
+    from fixtures.training import train_overrides
+
+    from sd3.config_loader import load_config
+    from sd3.encoders.vae import LatentVAE
+    from sd3.train.sources import ColocatedSource
+    from sd3.train.trainer import ModelRanks, Trainer
+
+    encode = LatentVAE.encode
+
+    def slow_encode(self, *args, **kwargs):  # inside the Conditioner's timed "vae" block: loader busy time
+        time.sleep(0.6)
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(LatentVAE, "encode", slow_encode)
+    cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, tmp_path, "--topology.mode=colocated",
+                                                  "--train.total_steps=6", "--train.save_every=100"))
+    device = torch.device("cpu")
+    assert Trainer(cfg, ModelRanks(device), ColocatedSource(cfg, 0, 1, device, 0)).train() == 0
+
+    out = capsys.readouterr().out
+    assert out.count("balance: model ranks stall") == 1 and "the loaders are the bottleneck" in out
+    assert "balance: loader-bound over 5 windows" in out  # the end summary: window 1 is the warm-up
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    advice = [r for r in records if "balance_advice" in r]
+    assert [r["step"] for r in advice] == [4] and advice[0]["balance_advice"] in out
+    steps = [r for r in records if "loss" in r]
+    assert all(r["loader_busy_pct"] > 40 and r["loader_wait_pct"] == 0 for r in steps[1:])
+    assert records[-1]["balance_stall_pct_max_mean"] > 5 and "balance_loader_busy_pct_mean" in records[-1]

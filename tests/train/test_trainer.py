@@ -13,6 +13,7 @@ import torch
 from fixtures.training import train_overrides
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sd3.batch import Batch
 from sd3.config_loader import load_config
 from sd3.distributed import signals
 from sd3.seeds import stream_seed
@@ -37,7 +38,10 @@ def test_tiny_checkpoint_is_a_complete_run(tiny_checkpoint):
     assert set(state["optimizer"]["state"]) and state["scheduler"]["last_epoch"] == 4
     assert any(not torch.equal(loaded.model_state[k], loaded.ema_state[k]) for k in loaded.model_state)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    balance = records.pop()  # the BalanceMonitor's end-of-run figures close the file
+    assert balance["step"] == 4 and "balance_stall_pct_max_mean" in balance and "loss" not in balance
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all("loader_busy_pct" in r and "loader_wait_pct" in r for r in records)
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 and "stall_pct" in r for r in records)
     assert records[0]["mfu_pct"] is None  # no known peak on a CPU
 
@@ -285,3 +289,81 @@ def test_secret_values_never_reach_config_checkpoint_or_logs(tiny_models, shapes
         assert secret not in out and secret not in err
         for path, data in written.items():
             assert secret.encode() not in data, f"{secret[:6]}... found in {path}"
+
+
+# ------------------------------------------------------------------------------ train.text_loss_weight (§e)
+
+
+def test_text_loss_weight_needs_the_text_head():
+    from sd3.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.text_loss_weight is 0.5 but model.text_loss is false"):
+        load_config("tiny-cpu", ["--train.text_loss_weight=0.5"])
+    assert load_config("tiny-cpu", ["--train.text_loss_weight=0.5", "--model.text_loss=true"]).model.text_loss
+
+
+def random_batch(cfg, b: int = 3) -> Batch:
+    g = torch.Generator().manual_seed(1)
+    m = cfg.model
+    return Batch(torch.randn(b, m.in_channels, 4, 4, generator=g),
+                 torch.randn(b, 2 * m.text_tokens, m.context_dim, generator=g),
+                 torch.randn(b, m.pooled_dim, generator=g), torch.arange(b))
+
+
+def test_text_loss_weight_zero_is_the_flow_loss_and_positive_adds_the_text_term(tiny_models):
+    from sd3.model import build_model
+    from sd3.train import flow
+
+    cfg = load_config("tiny-cpu", ["--model.text_loss=true"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    torch.nn.init.normal_(model.text_head.weight, std=0.02)  # zero-initialised: give the head something to say
+    batch = random_batch(cfg)
+    tc = cfg.train
+
+    def gen():
+        return torch.Generator().manual_seed(3)
+
+    # Weight 0: the flow objective exactly as before the text loss existed (CFG dropout, t and noise, velocity).
+    g = gen()
+    ctx, pooled = flow.cfg_dropout(batch.context, batch.pooled, cfg.model.text_tokens, tc.null_prob_pooled,
+                                   tc.null_prob_gemma, tc.null_prob_bert, g)
+    t, noise = flow.draw_path(batch.latents, g, tc.timestep_mean, tc.timestep_std)
+    plain = flow.velocity_loss(model, batch.latents, t, noise, ctx, pooled)
+    assert torch.equal(flow.training_loss(model, batch, gen(), cfg), plain)
+
+    # Weight w: flow loss on the text-hidden input + w x the masked regression, the mask drawn after the noise.
+    cfg.train.text_loss_weight = 0.5
+    mask = flow.text_loss_mask(flow.kept_parts(ctx, cfg.model.text_tokens), cfg.model.text_tokens, g)
+    assert mask.any()
+    v, pred = model(flow.add_noise(batch.latents, noise, t), t, flow.hide_text(ctx, mask), pooled, return_text=True)
+    expected = flow.flow_loss(v, flow.velocity_target(batch.latents, noise)) + 0.5 * flow.text_loss(pred, ctx, mask)
+    got = flow.training_loss(model, batch, gen(), cfg)
+    assert torch.equal(got, expected) and got.item() != plain.item()
+
+
+def test_training_with_the_text_loss_reaches_the_text_head(tiny_models, shapes_phase, tmp_path):
+    steps = 6
+    cfg = load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, tmp_path, f"--train.total_steps={steps}",
+                                                  "--model.text_loss=true", "--train.text_loss_weight=1.0",
+                                                  "--train.precision=fp32"))
+    device = torch.device("cpu")
+    source = ColocatedSource(cfg, 0, 1, device, 0)
+    trainer = Trainer(cfg, ModelRanks(device), source)
+    head = trainer.model.text_head
+    head_before = head.weight.detach().clone()
+    grads = {"weight": [], "bias": []}
+    for name in grads:
+        getattr(head, name).register_hook(lambda g, name=name: grads[name].append(g.abs().sum().item()))
+    try:
+        results = [trainer.train_step() for _ in range(steps)]
+    finally:
+        source.stop(trainer.state.micro_step)
+    assert all(math.isfinite(r.loss.item()) and not r.skipped for r in results)
+    # The text term is in every backward; it is 0 only when no token was hidden (batch 2: both samples' captions
+    # dropped, or no token picked), which this seed's stream does at micro-step 1.
+    assert len(grads["bias"]) == steps and sum(g > 0 for g in grads["bias"]) == steps - 1
+    # adaLN-Zero: the hidden tokens' text stream is exactly 0 until the zero-initialised output head (step 2, after
+    # the warm-up's lr=0 step) and then the blocks' gates (step 3) have moved; from then on the weight learns too.
+    assert grads["weight"][-1] > 0
+    assert not torch.equal(head.weight, head_before)
