@@ -1,4 +1,4 @@
-"""Token positions per caption on a caption-length mix: untrimmed pads a step to its longest, trimmed per micro-batch."""
+"""Token positions per caption on a caption-length mix: untrimmed pads a step to its longest, trimmed per micro-batch"""
 
 from __future__ import annotations
 

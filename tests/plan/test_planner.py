@@ -1,4 +1,4 @@
-"""The planner's cheaper-loader options: trimmed text on a caption-length mix, and hybrid mode (no VAE, a cache read)."""
+"""The planner's cheaper-loader options: trimmed text on a caption-length mix, and hybrid mode (no VAE, a cache read)"""
 
 from __future__ import annotations
 
