@@ -12,8 +12,14 @@ up with its model rank. Per variant:
    the first.
 Prints predicted vs measured per variant; the goal is that they differ by <= 5 points.
 
-VARIANTS maps a name to config overrides. The cheaper-loader variants of issue "make the loader cheaper" (trimmed
-text, VAE micro-batches, hybrid) are one entry each here once their settings exist.
+VARIANTS maps a name to config overrides, the cheaper-loader settings of issue 13:
+- base: full online, untrimmed text (one forward per encoder, padded to the step's longest caption);
+- trimmed: encoders.trim_text with micro-batches of 1 caption (a step here has only `--batch` captions, so the
+  default 64 would be one micro-batch, i.e. untrimmed). Besides the stall, its text-encoder seconds are compared
+  with the saving the planner predicts from the token counts of the shards' own captions (sd3/plan/captions.py);
+- vae_chunked: the VAE in micro-batches of 1 image (encoders.vae_micro_batch), channels_last;
+- hybrid: topology.mode=hybrid reading the VAE posteriors that `sd3 cache --only vae` writes (run by this bench
+  into WORKDIR/latents, incremental) — the loader runs the text encoders only.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ from pathlib import Path
 import torch
 
 VARIANTS: dict[str, list[str]] = {
-    "base": [],
+    "base": ["--encoders.trim_text=false"],
+    "trimmed": ["--encoders.trim_text=true", "--encoders.text_micro_batch=1"],
+    "vae_chunked": ["--encoders.trim_text=false", "--encoders.vae_micro_batch=1", "--encoders.vae_channels_last=true"],
+    "hybrid": ["--encoders.trim_text=false", "--topology.mode=hybrid"],
 }
+TEXT_PARTS = ("gemma", "bert", "clip")
 THREADS = 1  # per process: 1 loader + 1 model rank on the 2 cores
 
 
@@ -94,20 +104,70 @@ def prepare(workdir: Path, args: argparse.Namespace) -> list[str]:
     ]
 
 
-def loader_step_s(cfg, steps: int) -> float:
-    """Seconds per step of one loader's BatchProducer on this process (one thread)."""
+def latent_cache(workdir: Path, config: str, overrides: list[str]) -> str:
+    """The hybrid variant's posterior cache, written by the real `sd3 cache --only vae` (skips complete shards)."""
+    folder = workdir / "latents"
+    cmd = [sys.executable, "-m", "sd3", "cache", "--config", config, "--only", "vae", *overrides,
+           f"--data.latent_cache={folder}"]
+    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
+    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
+    if done.returncode:
+        raise RuntimeError(f"sd3 cache --only vae failed (exit code {done.returncode})")
+    return str(folder)
+
+
+def loader_step_s(cfg, steps: int) -> tuple[float, dict[str, float]]:
+    """Seconds per step of one loader's BatchProducer on this process (one thread), and per part (decode, each
+    encoder) per step."""
     from sd3.encoders.producer import BatchProducer
 
     producer = BatchProducer(cfg, cfg.data.batch_size, 0, 1, "cpu")
     try:
         for step in range(2):
-            producer(step)
+            _, warm, _ = producer(step)
+        warm = dict(warm)
         start = time.perf_counter()
         for step in range(2, 2 + steps):
-            producer(step)
-        return (time.perf_counter() - start) / steps
+            _, timings, _ = producer(step)
+        elapsed = (time.perf_counter() - start) / steps
+        return elapsed, {part: (s - warm.get(part, 0.0)) / steps for part, s in timings.items()}
     finally:
         producer.close()
+
+
+def caption_mix(cfg):
+    """Token counts (per text part) of the shards' own `recaption` / `recaption_short` captions."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from sd3.plan.captions import CaptionMix
+
+    files = sorted(Path(cfg.data.parquet_folder).rglob("*.parquet"))
+    table = pq.read_table(files[0], columns=["recaption", "recaption_short"])
+    mixes = {}
+    for part in TEXT_PARTS:
+        tok = AutoTokenizer.from_pretrained(getattr(cfg.encoders, part))
+        lengths = {col: np.array([len(i) for i in tok(table[col].to_pylist())["input_ids"]])
+                   for col in ("recaption", "recaption_short")}
+        mixes[part] = CaptionMix(lengths["recaption"], lengths["recaption_short"], cfg.data.long_caption_prob)
+    return mixes
+
+
+def predicted_text_ratio(cfg, mixes) -> dict[str, float]:
+    """Per text part: the planner's token positions trimmed / untrimmed on these captions at this step size."""
+    from sd3.plan.captions import tokens_per_caption
+    from sd3.plan.encoders import text_config
+
+    ratios = {}
+    for part, mix in mixes.items():
+        window = cfg.model.text_tokens
+        if part == "clip":
+            window = text_config("clip", folder=Path(cfg.encoders.clip)).max_position_embeddings
+        rows = cfg.data.batch_size
+        ratios[part] = (tokens_per_caption(mix, rows, window, cfg.encoders.text_micro_batch)
+                        / tokens_per_caption(mix, rows, window, 0))
+    return ratios
 
 
 class ReplaySource:
@@ -116,10 +176,11 @@ class ReplaySource:
     num_loaders = 1
     counts_rows = True
 
-    def __init__(self, batch) -> None:
+    def __init__(self, batch, sampler) -> None:
         from sd3.train.sources import SourceStats
 
-        self.batch, self.stats = batch, SourceStats(step=0)
+        # sampler: the producer's, whose state the Trainer records as the run's data identity.
+        self.batch, self.stats, self.sampler = batch, SourceStats(step=0), sampler
 
     def next(self):
         return self.batch, self.stats
@@ -141,14 +202,14 @@ def model_step_s(cfg, steps: int) -> float:
         batch, _, _ = producer(0)
     finally:
         producer.close()
-    trainer = Trainer(cfg, ModelRanks(torch.device("cpu")), ReplaySource(batch))
+    trainer = Trainer(cfg, ModelRanks(torch.device("cpu")), ReplaySource(batch, producer.sampler))
     for _ in range(2):
         trainer.train_step()
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
     elapsed = (time.perf_counter() - start) / steps
-    trainer.log.close()
+    trainer.reporter.close()
     return elapsed
 
 
@@ -180,20 +241,43 @@ def main(args: argparse.Namespace) -> int:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
-    base = prepare(Path(args.workdir), args) + list(args.overrides)
+    workdir = Path(args.workdir)
+    base = prepare(workdir, args) + list(args.overrides)
+    if "hybrid" in names:
+        base.append(f"--data.latent_cache={latent_cache(workdir, args.config, base)}")
     torch.set_num_threads(THREADS)
     figures: dict[str, float | int] = {}
+    text_s: dict[str, float] = {}
+    part_s: dict[str, dict[str, float]] = {}
     for name in names:
-        overrides = base + VARIANTS[name]
+        # Only hybrid reads the cache: the other variants encode images online, as their names say.
+        overrides = [o for o in base if name == "hybrid" or not o.startswith("--data.latent_cache=")] + VARIANTS[name]
         cfg = load_config(args.config, overrides)
-        loader_s, model_s = loader_step_s(cfg, args.timing_steps), model_step_s(cfg, args.timing_steps)
+        (loader_s, parts), model_s = loader_step_s(cfg, args.timing_steps), model_step_s(cfg, args.timing_steps)
         b = cfg.data.batch_size
         predicted = predict(Layout((1,)), b, loader_s / b, model_s / b).stall_pct
         measured, windows = measured_stall(args.config, overrides, args.steps)
-        print(f"bench balance [{name}]: loader {loader_s:.3f} s/step, model {model_s:.3f} s/step -> predicted stall "
-              f"{predicted:.1f} %, measured {measured:.1f} % ({windows} windows)", flush=True)
+        part_s[name], text_s[name] = parts, sum(parts.get(p, 0.0) for p in TEXT_PARTS)
+        print(f"bench balance [{name}]: loader {loader_s:.3f} s/step (text {text_s[name]:.3f}, vae "
+              f"{parts.get('vae', 0.0):.3f}), model {model_s:.3f} s/step -> predicted stall {predicted:.1f} %, "
+              f"measured {measured:.1f} % ({windows} windows)", flush=True)
         figures.update({f"loader_step_s_{name}": loader_s, f"model_step_s_{name}": model_s,
+                        f"text_step_s_{name}": text_s[name], f"vae_step_s_{name}": parts.get("vae", 0.0),
                         f"predicted_stall_pct_{name}": predicted, f"measured_stall_pct_{name}": measured,
                         f"stall_error_points_{name}": abs(predicted - measured)})
+    if {"base", "trimmed"} <= set(names):
+        # The plan's prediction of trimming: each encoder's untrimmed seconds x its token-position ratio.
+        cfg = load_config(args.config, [o for o in base if "latent_cache" not in o] + VARIANTS["trimmed"])
+        ratios = predicted_text_ratio(cfg, caption_mix(cfg))
+        figures.update({f"trimmed_token_ratio_{p}": r for p, r in ratios.items()})
+        predicted_saving = sum(part_s["base"].get(p, 0.0) * (1 - r) for p, r in ratios.items())
+        mean_ratio = 1 - predicted_saving / text_s["base"]
+        measured_saving = text_s["base"] - text_s["trimmed"]
+        figures.update({"trimmed_text_saving_s_predicted": predicted_saving,
+                        "trimmed_text_saving_s_measured": measured_saving,
+                        "trimmed_saving_error_pct": 100.0 * abs(measured_saving - predicted_saving)
+                        / max(predicted_saving, 1e-12)})
+        print(f"bench balance: trimmed text saves {measured_saving:.4f} s/step of text encoding, the plan predicts "
+              f"{predicted_saving:.4f} (token positions x {mean_ratio:.3f})", flush=True)
     print_result(figures)
     return 0

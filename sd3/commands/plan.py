@@ -63,6 +63,10 @@ def measure_achieved(cfg, args: argparse.Namespace) -> tuple[dict[str, float], s
 
 def print_plan(name: str, plan: Plan, settings: PlanSettings, how: str) -> None:
     print(f"sd3 plan {name}: {plan.height}x{plan.width} px, batch {plan.batch} per model rank, {how}")
+    if plan.work is not None:
+        tokens = ", ".join(f"{part} {t:.1f}" for part, t in plan.work.tokens.items())
+        vae = f"VAE posteriors read from the cache ({plan.work.cache_bytes / 1024:.0f} KiB/image)"
+        print(f"text tokens per caption: {tokens}; {vae if plan.work.hybrid else 'VAE online'}")
     print(f"{'part':<22}{'GFLOP/image':>13}{'TFLOP/s':>10}{'ms/image':>10}")
     for p in plan.parts:
         print(f"{'loader ' + p.name:<22}{p.flops_per_image / 1e9:>13.1f}{p.flops_per_s / 1e12:>10.3f}"
@@ -102,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
     multiple = cfg.model.patch_size * cfg.model.vae_downsample
     if height % multiple or width % multiple:
         raise ConfigError(f"--height/--width {height}x{width} must be multiples of {multiple} px")
-    counted = count_costs(cfg, height, width)
+    counted = count_costs(cfg, settings, height, width)
     achieved, how = None, f"assumed efficiencies on {settings.gpu}"
     if args.measure:
         achieved, how = measure_achieved(cfg, args)

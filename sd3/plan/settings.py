@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
+from typing import Literal
 
 from sd3.errors import ConfigError
 from sd3.train.metrics import PEAK_BF16_FLOPS
@@ -38,6 +39,20 @@ class PlanSettings:
     """Fraction of peak of the Meta-CLIP text tower (small matrices: 768 wide)."""
     vae_efficiency: float = 0.25
     """Fraction of peak of the FLUX VAE encoder's convolutions."""
+    captions: Literal["mix", "full"] = "mix"
+    """Caption lengths the text encoders pay for. mix: a step's captions drawn from the caption_tokens_* mix and
+    padded as encoders.trim_text / text_micro_batch pad them (sd3/plan/captions.py); full: every caption at
+    model.text_tokens (CLIP: its 77-token window), the most a loader can pay."""
+    caption_tokens_long: float = 60.0
+    """Mean tokens of a `recaption` caption (issue 13: ~60), before truncation at model.text_tokens."""
+    caption_tokens_short: float = 15.0
+    """Mean tokens of a `recaption_short` caption (issue 13: ~15)."""
+    caption_tokens_spread: float = 0.25
+    """Standard deviation of a caption's length, as a fraction of its column's mean."""
+    cache_read_gb_per_s: float = 1.0
+    """Hybrid mode: GB/s one loader reads VAE posteriors from data.latent_cache (a shared network filesystem's
+    per-client rate, conservatively; a local NVMe does several times more). Drawing the latent from the posterior
+    is one multiply-add per element, left out."""
     max_stall_pct: float = 5.0
     """The recommended layout is the fastest per GPU among those predicted to stall at most this much."""
 
@@ -65,11 +80,19 @@ def apply_plan_overrides(settings: PlanSettings, overrides: list[str]) -> list[s
         key, _, raw = text[len("plan."):].partition("=")
         if key not in names:
             raise ConfigError(f"unknown plan setting 'plan.{key}' (settings: {', '.join(sorted(names))})")
+        choices = typing.get_args(hints[key]) if typing.get_origin(hints[key]) is Literal else ()
+        if choices:
+            if raw not in choices:
+                raise ConfigError(f"plan.{key} must be one of {', '.join(choices)}, got {raw!r}")
+            setattr(settings, key, raw)
+            continue
         try:
             value = hints[key](raw)
         except ValueError:
             raise ConfigError(f"plan.{key} expects {hints[key].__name__}, got {raw!r}") from None
         if isinstance(value, float) and key.endswith("_efficiency") and not 0 < value <= 1:
             raise ConfigError(f"plan.{key} must be in (0, 1], got {value}")
+        if key.startswith(("caption_tokens_", "cache_read_")) and value <= 0:
+            raise ConfigError(f"plan.{key} must be > 0, got {value}")
         setattr(settings, key, value)
     return rest
