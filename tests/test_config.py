@@ -64,7 +64,7 @@ def test_unknown_preset_is_named():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--topology.mode=ring", "'topology.mode' is 'ring', not one of loader, colocated, cached"),
+        ("--topology.mode=ring", "'topology.mode' is 'ring', not one of loader, hybrid, colocated, cached"),
         ("--train.precision=fp13", "'train.precision' is 'fp13', not one of auto, bf16, fp16, fp32"),
         ("--model.positional_encoding=RoPE3d", "'model.positional_encoding' is 'RoPE3d', not one of RoPE2d"),
         ("--train.total_steps=-5", "'train.total_steps' is -5, expected >= 1"),

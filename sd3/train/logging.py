@@ -88,6 +88,14 @@ class WandbSink:
             tqdm.write(f"warning: wandb.log failed, wandb is off for the rest of the run: {e}")
             self.run = None
 
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update(values)
+        except Exception as e:  # noqa: BLE001
+            tqdm.write(f"warning: wandb summary failed: {e}")
+
     def finish(self) -> None:
         if self.run is None:
             return
@@ -110,6 +118,7 @@ class RunLogger:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
         self.jsonl = (out_dir / "metrics.jsonl").open("a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
         self.wandb = WandbSink(wandb_project, run_id, wandb_mode, out_dir, config)
@@ -117,6 +126,14 @@ class RunLogger:
     def info(self, message: str) -> None:
         if self.enabled:
             tqdm.write(message)
+
+    def summary(self, name: str, values: dict[str, Any]) -> None:
+        """End-of-run figures as `<out_dir>/<name>.json` and wandb's run summary; metrics.jsonl keeps one record per
+        logged step, each with the step's loss, which every reader of it relies on."""
+        if not self.enabled:
+            return
+        (self.out_dir / f"{name}.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+        self.wandb.summary(values)
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:

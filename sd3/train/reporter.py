@@ -131,11 +131,11 @@ class MetricsReporter:
         self.window.start += seconds
 
     def summarize_balance(self, step: int) -> None:
-        """The BalanceMonitor's end-of-run line, and its figures as a metrics.jsonl record at `step`."""
+        """The BalanceMonitor's end-of-run line, and its figures in <save_dir>/balance.json (and wandb's summary)."""
         self.info(self.balance.summary())
         figures = self.balance.figures()
         if figures:
-            self.log.log(step, figures)
+            self.log.summary("balance", {"step": step, **figures})
 
     def info(self, message: str) -> None:
         self.log.info(message)
