@@ -67,7 +67,7 @@ def test_two_nodes_per_node_layout_then_explicit_map_resume(tiny_models, shapes_
     two_node_job([*common, "--topology.loaders_per_node=1", "--topology.models_per_loader=2",
                   f"--train.total_steps={FIRST_STEPS}", f"--train.save_every={FIRST_STEPS}"])
     first = resolve_checkpoint(save)
-    assert first is not None and load_checkpoint(first, map_location="cpu").train_state["step"] == FIRST_STEPS
+    assert first is not None and load_checkpoint(first, map_location="cpu").train_state["train"]["step"] == FIRST_STEPS
 
     explicit = "{0: [1, 2], 3: [4, 5]}"  # the source's loader_to_model_gpu style, global ranks
     outputs = two_node_job([*common, f"--topology.loader_to_model={explicit}", f"--train.total_steps={TOTAL_STEPS}",
