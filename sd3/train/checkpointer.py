@@ -87,11 +87,11 @@ def data_start(plan: ResumePlan | None, sampler: BucketBatchSampler) -> int:
     """
     if plan is None or not plan.exact:
         return 0
-    samplers = read_meta(plan.directory).get("samplers", {})
-    if not samplers:
+    position = read_meta(plan.directory).get("sampler")
+    if not position:
         raise CheckpointError(f"checkpoint {plan.directory}: meta.json has no data position")
     try:
-        sampler.load_state_dict(next(iter(samplers.values())))
+        sampler.load_state_dict(position)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {plan.directory}: {e} (train.reset_optim=true starts a new stage from "
                               "its weights instead)") from None

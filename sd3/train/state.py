@@ -20,8 +20,8 @@ class TrainState:
     images: images trained on by this model rank; nonfinite_*: non-finite steps (total, current streak);
     skipped_base: rows skipped as bad per reason up to the checkpoint this run started from (all loaders);
     skipped_total: the latest all-loader total (set before a save); run_id: the wandb run id;
-    sampler: the BucketBatchSampler.state_dict() of loader 0 (the data's identity: seed, sizes, batch), from
-    which every loader's data position is derived.
+    sampler: this rank's loader's BucketBatchSampler.state_dict() without its step (the data's identity and, after
+    an elastic resume, the re-planned segment); the schedule is global, so one position serves every loader.
     """
 
     step: int = 0
@@ -32,18 +32,17 @@ class TrainState:
     skipped_base: dict[str, int] = field(default_factory=dict)
     skipped_total: dict[str, int] = field(default_factory=dict)
     run_id: str = ""
-    sampler: dict[str, int] = field(default_factory=dict)
-    num_loaders: int = 1
+    sampler: dict[str, Any] = field(default_factory=dict)
 
-    def data_position(self) -> dict[str, dict[str, int]]:
-        """Per loader index: its sampler's state at this point (every loader is at sampler step micro_step,
-        because every model rank consumes one micro-batch of its loader per micro-step)."""
-        return {str(i): {**self.sampler, "loader_index": i, "step": self.micro_step} for i in range(self.num_loaders)}
+    def data_position(self) -> dict[str, Any]:
+        """The sampler state at this point: every loader is at sampler step micro_step, because every model rank
+        consumes one micro-batch of its loader per micro-step, and all loaders slice one global schedule."""
+        return {**self.sampler, "step": self.micro_step}
 
     def meta(self) -> dict[str, Any]:
         """The small part written to meta.json: what loaders and tools read without opening state.pt."""
         return {"step": self.step, "micro_step": self.micro_step, "wandb_run_id": self.run_id, "images": self.images,
-                "samplers": self.data_position()}
+                "sampler": self.data_position()}
 
     def state_dict(self) -> dict[str, Any]:
         """weights_only-safe: numbers, strings, dicts and the RNG state tensors."""
@@ -53,7 +52,7 @@ class TrainState:
             "counters": {"images": self.images, "nonfinite_steps": self.nonfinite_steps,
                          "nonfinite_in_row": self.nonfinite_in_row, "skipped_rows": dict(self.skipped_total)},
             "wandb_run_id": self.run_id,
-            "samplers": self.data_position(),
+            "sampler": self.data_position(),
             "rng": capture_rng_state(),
         }
 

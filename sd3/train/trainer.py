@@ -103,7 +103,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
         self.ema = EMA(self.model, tc.ema_decay, self.device if tc.ema_device == "device" else torch.device("cpu"))
         data_identity = {k: v for k, v in source.sampler.state_dict().items() if k != "step"}
-        self.state = TrainState(run_id=new_run_id(), sampler=data_identity, num_loaders=source.num_loaders)
+        self.state = TrainState(run_id=new_run_id(), sampler=data_identity)
         self.checkpointer = Checkpointer(
             cfg, {"model": ModelState(self.model), "ema": self.ema,
                   "optimizer": OptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,

@@ -72,7 +72,7 @@ def test_elastic_resume_trains_each_row_of_the_epoch_once(tiny_models, shapes_ph
 
     # Where epoch 1 begins in the final layout's stream (its data position carries the earlier layouts' cursors).
     meta = json.loads((save / "step-00000023" / "meta.json").read_text())
-    position = next(iter(meta["samplers"].values()))
+    position = meta["sampler"]
     sampler = BucketBatchSampler(BucketIndex.load(shapes_phase.index_path), 16, 0, 0, 1, 0, [16])
     assert sampler.load_state_dict(position) == "exact" and position["segment_epoch"] == 0
     epoch_end = next(s for s in range(position["segment_start"], meta["micro_step"]) if sampler.epoch_of(s) == 1)

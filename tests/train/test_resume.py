@@ -60,8 +60,8 @@ def test_resume_replays_the_uninterrupted_run(tiny_models, shapes_phase, tmp_pat
     assert_same_tree(one.ema_state, two.ema_state, "ema")
     assert_same_tree(one.train_state["optimizer"], two.train_state["optimizer"], "optimizer")
     assert_same_tree(one.train_state["scheduler"], two.train_state["scheduler"], "scheduler")
-    assert one.train_state["train"]["samplers"] == two.train_state["train"]["samplers"]
-    assert two.train_state["train"]["samplers"]["0"]["step"] == 20
+    assert one.train_state["train"]["sampler"] == two.train_state["train"]["sampler"]
+    assert two.train_state["train"]["sampler"]["step"] == 20
     assert one.meta["wandb_run_id"] != two.meta["wandb_run_id"]  # separate runs ...
     first_half = load_checkpoint(split / "step-00000010", map_location="cpu")
     assert first_half.meta["wandb_run_id"] == two.meta["wandb_run_id"]  # ... but the resumed one kept its id

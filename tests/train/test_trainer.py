@@ -32,9 +32,9 @@ def test_tiny_checkpoint_is_a_complete_run(tiny_checkpoint):
     assert set(state) == {"optimizer", "scheduler", "scaler", "train"}  # one entry per component
     assert state["train"]["step"] == 4 and state["train"]["micro_step"] == 4 and "rng" in state["train"]
     # The data position is the loader's BucketBatchSampler.state_dict() at the checkpoint, in state.pt and meta.json.
-    position = state["train"]["samplers"]
-    assert set(position) == {"0"} and position["0"]["step"] == 4 and position["0"]["loader_rows"] == [2]
-    assert loaded.meta["samplers"] == position
+    position = state["train"]["sampler"]
+    assert position["step"] == 4 and position["loader_rows"] == [2] and "loader_index" not in position
+    assert loaded.meta["sampler"] == position
     assert set(state["optimizer"]["state"]) and state["scheduler"]["last_epoch"] == 4
     assert any(not torch.equal(loaded.model_state[k], loaded.ema_state[k]) for k in loaded.model_state)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -131,7 +131,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(tiny_models, shapes
     # The signal arrived during step 3 (micro-step 2); the run finished that step, saved it and stopped.
     assert resolve_checkpoint(tmp_path) == tmp_path / "step-00000003"
     state = load_checkpoint(tmp_path / "step-00000003", map_location="cpu").train_state["train"]
-    assert state["step"] == 3 and state["samplers"]["0"]["step"] == 3
+    assert state["step"] == 3 and state["sampler"]["step"] == 3
 
 
 def test_no_weight_decay_on_norms_biases_and_scalars(tiny_models):
