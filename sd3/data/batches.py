@@ -65,7 +65,8 @@ def skip_dict(vector: Sequence[int]) -> dict[str, int]:
 class RawBatch:
     """Decoded rows of one step, all of one bucket.
 
-    images: (B, 3, height, width) float32 in [-1, 1]; captions: B cleaned captions; row_ids: (B,) int64 global
+    images: (B, 3, height, width) uint8 in [0, 255] as decoded (pinned when the loader encodes on CUDA), or
+    float32 in [-1, 1] (what the VAE takes; it accepts both); captions: B cleaned captions; row_ids: (B,) int64 global
     row ids; skipped: rows of this step dropped, by reason. B can be smaller than the sampler batch, even 0.
     With a latent cache (data.latent_cache) images are not decoded: images is (B, 0, H, W) and posterior holds
     the cached VAE posterior (B, 2, C, H/8, W/8), mean and std, in bf16.
@@ -110,6 +111,16 @@ def decode_row(data: bytes | None) -> tuple[np.ndarray | None, str | None]:
         return None, e.reason
 
 
+def to_channels_first(pixels: np.ndarray, pin_memory: bool = False) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) uint8, in page-locked memory with `pin_memory`.
+
+    What a loader hands its VAE: a quarter of the bytes of float32, and pinned so the host-to-device copy is a
+    DMA that does not stall the host (the VAE scales it to [-1, 1] on its device, sd3/encoders/vae.py).
+    """
+    images = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))  # (B, 3, H, W) uint8
+    return images.pin_memory() if pin_memory else images
+
+
 def to_unit_range(pixels: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
     # numpy, not torch: this runs beside the encoders, and torch's intra-op threads would contend with them.
@@ -127,13 +138,15 @@ class RowLoader:
     row_counts: rows per shard if known (BucketIndex.manifest["rows"]), saving a read of every footer.
     latents: a LatentCacheReader of data.latent_cache over the same folder; given, images are not read or
     decoded, the rows' cached VAE posteriors are looked up instead (sd3/data/latents.py).
+    pin_memory: decoded images in page-locked memory (a loader whose VAE runs on CUDA).
     `counters` accumulates skipped rows by reason over the loader's life.
     """
 
     def __init__(self, folder: str | Path, data_cfg: DataConfig, row_counts: Sequence[int] | None = None,
-                 latents: LatentCacheReader | None = None):
+                 latents: LatentCacheReader | None = None, pin_memory: bool = False):
         self.reader = latents.reader if latents is not None else ShardReader(folder, row_counts=row_counts)
         self.latents = latents
+        self.pin_memory = pin_memory
         self.cfg = data_cfg
         self.counters = empty_counts()
         self._pool = ThreadPoolExecutor(data_cfg.decode_threads) if data_cfg.decode_threads > 1 else None
@@ -211,9 +224,9 @@ class RowLoader:
             self.counters[reason] += n
 
         if pixels:
-            images_t = to_unit_range(np.stack(pixels))  # (B, 3, H, W) in [-1, 1]
+            images_t = to_channels_first(np.stack(pixels), self.pin_memory)  # (B, 3, H, W) uint8
         else:
-            images_t = torch.empty((0, 3, h, w), dtype=torch.float32)
+            images_t = torch.empty((0, 3, h, w), dtype=torch.uint8)
         return RawBatch(
             images=images_t,
             captions=[captions[i] for i in keep],

@@ -50,7 +50,7 @@ class Conditioner:
 
     @torch.inference_mode()
     def __call__(self, raw: RawBatch, generator: torch.Generator | None = None) -> Batch:
-        """raw.images (B, 3, H, W) in [-1, 1], raw.captions (B,) -> Batch on this conditioner's device.
+        """raw.images (B, 3, H, W) uint8 or in [-1, 1], raw.captions (B,) -> Batch on this conditioner's device.
 
         generator: draws the VAE posterior samples (pass the sampler's per-step generator for a replayable stream).
         A batch whose rows were all skipped (B = 0) gives an empty Batch of the same trailing shapes.

@@ -66,7 +66,7 @@ class BatchProducer:
             latents = LatentCacheReader(cfg.data.latent_cache, shards)
             latents.check_vae(self.conditioner.vae)
         self.rows = RowLoader(cfg.data.parquet_folder, cfg.data, row_counts=self.index.manifest["rows"],
-                              latents=latents)
+                              latents=latents, pin_memory=self.conditioner.device.type == "cuda")
         self.decode_s = 0.0
         self.skipped = empty_counts()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="loader-decode")

@@ -95,12 +95,21 @@ class LatentVAE:
 
     @torch.inference_mode()
     def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, H, W) in [-1, 1] -> the posterior's mean and std, each (B, C, H/8, W/8) in the VAE's dtype."""
+        """images (B, 3, H, W), uint8 in [0, 255] or float in [-1, 1] -> the posterior's mean and std, each
+        (B, C, H/8, W/8) in the VAE's dtype.
+
+        uint8 images (the loader's, pinned on CUDA) cross to the device as they are, a quarter of float32's bytes,
+        asynchronously from pinned memory, and are scaled there, by the same operations as
+        sd3/data/batches.py:to_unit_range, so both inputs give the same latents.
+        """
         size = self.chunk_size(images.shape[-2], images.shape[-1]) or max(1, len(images))
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         means, stds = [], []
         for chunk in images.split(size):
-            x = chunk.to(device=self.device, dtype=self.dtype).contiguous(memory_format=fmt)  # (b, 3, H, W)
+            x = chunk.to(self.device, non_blocking=True)  # (b, 3, H, W)
+            if x.dtype == torch.uint8:
+                x = x.float().div_(127.5).sub_(1.0)  # exact at 0 and 255: the range is exactly [-1, 1]
+            x = x.to(self.dtype).contiguous(memory_format=fmt)
             posterior = self.vae.encode(x).latent_dist
             means.append(posterior.mean)  # (b, C, h, w)
             stds.append(posterior.std)

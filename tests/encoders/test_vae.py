@@ -156,3 +156,16 @@ def test_flux_activation_estimate_matches_memtracker():
 def test_compile_wraps_the_encoder(tiny_models):
     vae = LatentVAE.load(str(tiny_models.root / "flux"), "vae", "cpu", "fp32", compile=True)
     assert isinstance(vae.vae.encoder, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_gpu_ready_uint8_images_give_the_float_paths_latents(vae):
+    """The loader's uint8 images are scaled on the VAE's device by the same operations as to_unit_range."""
+    from sd3.data.batches import to_channels_first, to_unit_range
+
+    pixels = torch.randint(0, 256, (3, 32, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    images = to_channels_first(pixels.numpy())  # (3, 3, 32, 48) uint8
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 32, 48)
+    floats = to_unit_range(pixels.numpy())
+    assert floats.min() == -1 and floats.max() == 1
+    for a, b in zip(vae.moments(images), vae.moments(floats), strict=True):
+        assert torch.equal(a, b)
