@@ -115,8 +115,9 @@ class EncodersConfig:
     # ModernBERT and CLIP mask padding, so real tokens never see the padding (tests/encoders/test_trim.py); on by
     # default because it only removes work. False: one forward per encoder over the whole step, padded to its longest.
     trim_text: bool = True
-    # Captions per text-encoder forward when trim_text: 64 x ~60 tokens keeps GPU GEMMs large.
-    text_micro_batch: int = 64
+    # Captions per text-encoder forward when trim_text; 0 = sized to the step (about an eighth of its captions, at
+    # least 16: sd3.encoders.text.resolve_micro_batch), so small 1024 px steps are trimmed too.
+    text_micro_batch: int = 0
     # The VAE encodes a step's images in micro-batches of vae_micro_batch images (0 = as many as fit in
     # vae_memory_gb of activations by sd3.encoders.vae.activation_bytes, so 1024 px steps do not run out of memory).
     vae_micro_batch: int = 0

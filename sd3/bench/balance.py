@@ -156,6 +156,7 @@ def caption_mix(cfg):
 
 def predicted_text_ratio(cfg, mixes) -> dict[str, float]:
     """Per text part: the planner's token positions trimmed / untrimmed on these captions at this step size."""
+    from sd3.encoders.text import resolve_micro_batch
     from sd3.plan.captions import tokens_per_caption
     from sd3.plan.encoders import text_config
 
@@ -165,7 +166,7 @@ def predicted_text_ratio(cfg, mixes) -> dict[str, float]:
         if part == "clip":
             window = text_config("clip", folder=Path(cfg.encoders.clip)).max_position_embeddings
         rows = cfg.data.batch_size
-        ratios[part] = (tokens_per_caption(mix, rows, window, cfg.encoders.text_micro_batch)
+        ratios[part] = (tokens_per_caption(mix, rows, window, resolve_micro_batch(cfg.encoders.text_micro_batch, rows))
                         / tokens_per_caption(mix, rows, window, 0))
     return ratios
 

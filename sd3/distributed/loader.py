@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 Produce = Callable[[int], tuple[Batch, dict[str, float], dict[str, int]]]
 
 
-def serve(topology: Topology, sender: BatchSender, produce: Produce, start_step: int) -> int:
-    """Produce and send steps start_step, start_step+1, ... until every consumer has stopped. Returns the exit code."""
+def serve(topology: Topology, sender: BatchSender, produce: Produce, start_step: int,
+          peak_memory: Callable[[], int] = lambda: 0) -> int:
+    """Produce and send steps start_step, start_step+1, ... until every consumer has stopped. Returns the exit code.
+    peak_memory(): the encoders' peak memory in the step just produced, reported in each header."""
     step = start_step
     consumers = topology.consumers
     try:
@@ -46,9 +48,10 @@ def serve(topology: Topology, sender: BatchSender, produce: Produce, start_step:
                 topology.heartbeat.progress(step)
             batch, timings, skipped = produce(step)  # (B_global, ...)
             flags = FLAG_STOP_REQUESTED if signals.requested() else 0
+            peak = peak_memory()
             # Consecutive slices, in consumer order.
             for consumer, part in zip(consumers, batch.split(len(consumers)), strict=True):
-                sender.send(consumer, step, part, timings, skipped, flags)
+                sender.send(consumer, step, part, timings, skipped, flags, peak)
             step += 1
         sender.close()
     except ConsumerFailed as e:
@@ -84,6 +87,6 @@ def run_loader(cfg: Config, topology: Topology, start_step: int, sampler: Bucket
             sender.send_error(text, start_step, kind=ERROR)
             return 1
         try:
-            return serve(topology, sender, producer, start_step)
+            return serve(topology, sender, producer, start_step, lambda: producer.peak_memory_bytes)
         finally:
             producer.close()

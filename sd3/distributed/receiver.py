@@ -136,7 +136,8 @@ class BatchReceiver:
             ready.record(self._stream)
         stats = LoaderStats(loader_rank=self.loader, step=header.step, rows=header.rows, timings=header.timings,
                             skipped=header.skipped, nbytes=sum(t.numel() * t.element_size() for t in tensors),
-                            stop_requested=bool(header.flags & FLAG_STOP_REQUESTED))
+                            stop_requested=bool(header.flags & FLAG_STOP_REQUESTED),
+                            peak_memory_bytes=header.peak_memory_bytes)
         return _Received(Batch(*tensors), stats, lease, ready)
 
     def _receive_loop(self) -> None:

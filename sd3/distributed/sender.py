@@ -100,11 +100,11 @@ class BatchSender:
         self.send_seconds += time.perf_counter() - start
 
     def send(self, consumer: int, step: int, batch: Batch, timings: dict[str, float] | None = None,
-             skipped: dict[str, int] | None = None, flags: int = 0) -> None:
+             skipped: dict[str, int] | None = None, flags: int = 0, peak_memory_bytes: int = 0) -> None:
         """Send `batch` as sampler step `step` to `consumer`, once fewer than max_in_flight are in flight to it.
 
         timings / skipped: the loader's cumulative statistics to report (the layout's names: seconds, rows);
-        the "send" and "wait" parts are filled in here.
+        the "send" and "wait" parts are filled in here. peak_memory_bytes: the encoders' peak while making this step.
         """
         if consumer in self.finished:
             return
@@ -115,7 +115,7 @@ class BatchSender:
         timings = dict(timings or {}, send=self.send_seconds, wait=self.wait_seconds)
         # The tensors go as they are, one message each: packing them into one message was measured slower
         # (`sd3 bench pipeline`: the copy costs more than the three messages it saves).
-        header = encode_header(self.layout, DATA, step, batch, timings, skipped, flags)
+        header = encode_header(self.layout, DATA, step, batch, timings, skipped, flags, peak_memory_bytes)
         self._send(consumer, header, step, batch.tensors())
 
     def send_error(self, text: str, step: int, kind: int = ERROR, timeout_s: float | None = None) -> None:

@@ -28,3 +28,4 @@ class LoaderStats:
     wait_s: float = 0.0  # seconds this model rank waited in next() for this batch (stall numerator)
     nbytes: int = 0  # payload bytes received
     stop_requested: bool = False  # a stop signal reached the loader (FLAG_STOP_REQUESTED)
+    peak_memory_bytes: int = 0  # the loader's peak encoder memory while it made this step

@@ -2,7 +2,8 @@
 
 Per message, in order on the (loader, consumer) pair:
 1. a fixed-size int64 *header* (`StatsLayout.header_len`): magic, version, kind, sequence number (the sampler step),
-   the batch's row count, flags (FLAG_STOP_REQUESTED: a stop signal reached the loader), for each Batch tensor its
+   the batch's row count, flags (FLAG_STOP_REQUESTED: a stop signal reached the loader), the loader's peak encoder
+   memory in bytes while it made this step (CUDA's max_memory_allocated, on CPU its peak RSS), for each Batch tensor its
    dtype code, ndim and shape (up to MAX_NDIM dims), then the loader's statistics: cumulative microseconds per
    timing name and cumulative skipped rows per skip reason, both in the order of the StatsLayout both ends share;
 2. kind DATA: the Batch tensors, each of exactly the announced shape and dtype — nothing is padded to the
@@ -24,7 +25,7 @@ from sd3.batch import Batch
 from sd3.distributed.errors import LoaderFailed
 
 MAGIC = 0x5344_3342_4154_4348  # "SD3BATCH"
-VERSION = 2  # 2: the header length follows the StatsLayout; receive buffers are owned explicitly
+VERSION = 3  # 2: the header length follows the StatsLayout; receive buffers are owned explicitly. 3: peak memory
 DATA, STOP, ERROR, DONE = 1, 2, 3, 4
 KIND_NAMES = {DATA: "DATA", STOP: "STOP", ERROR: "ERROR", DONE: "DONE"}
 FLAG_STOP_REQUESTED = 1  # SIGTERM/SIGUSR1 reached the loader: the model ranks should agree on a stop step
@@ -38,7 +39,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int
 DATA_TAG = 17
 
 # Header layout (int64 slots) before the statistics.
-_FIXED = 6  # magic, version, kind, step, rows, flags
+_FIXED = 7  # magic, version, kind, step, rows, flags, peak memory bytes
 _TENSOR_SLOTS = 2 + MAX_NDIM  # dtype code, ndim, dims
 _STATS_AT = _FIXED + NUM_TENSORS * _TENSOR_SLOTS
 
@@ -64,6 +65,7 @@ class Header:
     step: int
     rows: int
     flags: int
+    peak_memory_bytes: int
     specs: list[tuple[torch.dtype, tuple[int, ...]]]  # per Batch tensor
     timings: dict[str, float]
     skipped: dict[str, int]
@@ -71,10 +73,10 @@ class Header:
 
 def encode_header(layout: StatsLayout, kind: int, step: int, batch: Batch | None,
                   timings: dict[str, float] | None = None, skipped: dict[str, int] | None = None,
-                  flags: int = 0) -> torch.Tensor:
+                  flags: int = 0, peak_memory_bytes: int = 0) -> torch.Tensor:
     """The (layout.header_len,) int64 header announcing `batch` (or nothing, for STOP/ERROR/DONE)."""
     # Built as a Python list and turned into a tensor once: per-slot tensor writes cost ~20x more.
-    h = [MAGIC, VERSION, kind, step, len(batch) if batch is not None else 0, flags]
+    h = [MAGIC, VERSION, kind, step, len(batch) if batch is not None else 0, flags, int(peak_memory_bytes)]
     tensors = batch.tensors() if batch is not None else [torch.empty(0)] * NUM_TENSORS
     for i, t in enumerate(tensors):
         if t.dim() > MAX_NDIM:
@@ -105,7 +107,8 @@ def decode_header(layout: StatsLayout, h: torch.Tensor, peer: int) -> Header:
     skips_at = _STATS_AT + len(layout.timings)
     timings = {k: us / 1e6 for k, us in zip(layout.timings, v[_STATS_AT:skips_at], strict=True)}
     skipped = dict(zip(layout.skips, v[skips_at:layout.header_len], strict=True))
-    return Header(kind=v[2], step=v[3], rows=v[4], flags=v[5], specs=specs, timings=timings, skipped=skipped)
+    return Header(kind=v[2], step=v[3], rows=v[4], flags=v[5], peak_memory_bytes=v[6], specs=specs, timings=timings,
+                  skipped=skipped)
 
 
 def encode_message(text: str) -> torch.Tensor:

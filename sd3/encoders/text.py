@@ -6,7 +6,8 @@ padded token position is zero. pooled (B, P): CLIP's text projection at the end-
 Meta-CLIP is used only for the pooled vector, the other two for the sequence).
 
 Trimmed encoding (encoders.trim_text): a step's captions are tokenized once, sorted by token count and run in
-micro-batches of `micro_batch` captions, each padded only to its own longest caption; the outputs are scattered back
+micro-batches of `micro_batch` captions (AUTO_MICRO_BATCH: sized to the step, `resolve_micro_batch`), each padded
+only to its own longest caption; the outputs are scattered back
 into the fixed layout. Gemma-2 is causal and right-padded, ModernBERT and CLIP mask padded keys and CLIP pools at
 the end-of-text token, so a real token's state does not depend on how much padding follows it: the result equals the
 untrimmed one up to floating-point reassociation, at `padded_tokens(lengths, micro_batch)` tokens of work instead of
@@ -15,6 +16,7 @@ len(lengths) x max(lengths).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,6 +40,19 @@ def load_tokenizer(key: str, path: str) -> PreTrainedTokenizerBase:
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, key, path)
     tokenizer.padding_side = "right"  # Gemma's tokenizer pads on the left by default; the context layout needs right
     return tokenizer
+
+
+AUTO_MICRO_BATCH = -1  # TextEncoders.micro_batch: size the micro-batches to each step (encoders.text_micro_batch 0)
+TEXT_CHUNKS = 8  # auto: a step's captions in about this many length-sorted forwards
+MIN_TEXT_MICRO_BATCH = 16  # auto: never fewer captions per forward (16 x ~60 tokens: GEMMs a GPU still fills)
+
+
+def resolve_micro_batch(setting: int, rows: int) -> int:
+    """Captions per trimmed forward in a step of `rows` captions: `setting` when > 0, else (auto) rows / TEXT_CHUNKS
+    rounded up, at least MIN_TEXT_MICRO_BATCH. A fixed size would leave small steps (1024 px: 45 captions a loader
+    step at 15 x 3) in one forward, padded to their longest, saving nothing; the length spread within each of ~8
+    sorted chunks is small whatever the step's size."""
+    return setting if setting > 0 else max(MIN_TEXT_MICRO_BATCH, math.ceil(rows / TEXT_CHUNKS))
 
 
 def length_sorted_chunks(lengths: Sequence[int], micro_batch: int) -> list[np.ndarray]:
@@ -66,8 +81,8 @@ class TextEncoders:
     """Gemma-2 + ModernBERT (context) and CLIP (pooled), frozen, in eval mode, run under inference_mode.
 
     text_tokens: T, tokens per part. `parts` maps "gemma"/"bert" to their token slices in the context, so CFG
-    dropout can zero one part. micro_batch: captions per forward of trimmed encoding; 0 = untrimmed (one forward
-    per encoder, padded to the batch's longest caption). Build with
+    dropout can zero one part. micro_batch: captions per forward of trimmed encoding, AUTO_MICRO_BATCH to size them
+    to each step; 0 = untrimmed (one forward per encoder, padded to the batch's longest caption). Build with
     `TextEncoders.load(cfg.encoders, cfg.model.text_tokens, device)`.
     """
 
@@ -102,7 +117,7 @@ class TextEncoders:
             frozen(clip, device), load_tokenizer("encoders.clip", cfg.clip),
             frozen(gemma, device), load_tokenizer("encoders.gemma", cfg.gemma),
             frozen(bert, device), load_tokenizer("encoders.bert", cfg.bert),
-            text_tokens, device, cfg.text_micro_batch if cfg.trim_text else 0,
+            text_tokens, device, (cfg.text_micro_batch or AUTO_MICRO_BATCH) if cfg.trim_text else 0,
         )
 
     def tokenize(self, tokenizer: PreTrainedTokenizerBase, captions: list[str], max_length: int) -> dict:
@@ -119,7 +134,7 @@ class TextEncoders:
             return [(np.arange(len(captions)), self.tokenize(tokenizer, captions, max_length))]
         ids = tokenizer(captions, max_length=max_length, truncation=True)["input_ids"]  # B lists of token ids
         batches = []
-        for rows in length_sorted_chunks([len(i) for i in ids], self.micro_batch):
+        for rows in length_sorted_chunks([len(i) for i in ids], resolve_micro_batch(self.micro_batch, len(ids))):
             longest = len(ids[rows[0]])
             input_ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)  # (b, L)
             mask = torch.zeros(len(rows), longest, dtype=torch.long)  # (b, L)

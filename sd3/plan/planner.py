@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from sd3.config import Config
+from sd3.encoders.text import resolve_micro_batch
 from sd3.plan.captions import CaptionMix, tokens_per_caption
 from sd3.plan.counting import MMDiTFlops, mmdit_flops, part_flops
 from sd3.plan.encoders import PARTS, TEXT_PARTS, load_spec, local_folder, text_config, vae_kwargs
@@ -90,7 +91,7 @@ def caption_tokens(cfg: Config, settings: PlanSettings, rows: int) -> dict[str, 
         return {part: float(window) for part, window in windows.items()}
     mix = CaptionMix.normal(settings.caption_tokens_long, settings.caption_tokens_short,
                             settings.caption_tokens_spread, cfg.data.long_caption_prob)
-    micro_batch = cfg.encoders.text_micro_batch if cfg.encoders.trim_text else 0
+    micro_batch = resolve_micro_batch(cfg.encoders.text_micro_batch, rows) if cfg.encoders.trim_text else 0
     return {part: tokens_per_caption(mix, rows, window, micro_batch) for part, window in windows.items()}
 
 

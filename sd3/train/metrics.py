@@ -50,6 +50,7 @@ class Window:
     start: float = field(default_factory=time.perf_counter)
     loader_start: dict[str, float] = field(default_factory=dict)
     loader_now: dict[str, float] = field(default_factory=dict)
+    loader_peak_memory_bytes: int = 0  # the largest peak the source reported in this window
 
     def add_batch(self, images: int, tokens: int, flops: float, wait_s: float) -> None:
         self.images += images
@@ -57,10 +58,11 @@ class Window:
         self.flops += flops
         self.wait_s += wait_s
 
-    def add_loader_timings(self, cumulative: dict[str, float]) -> None:
+    def add_loader_timings(self, cumulative: dict[str, float], peak_memory_bytes: int = 0) -> None:
         if not self.loader_start:
             self.loader_start = dict(cumulative)
         self.loader_now = dict(cumulative)
+        self.loader_peak_memory_bytes = max(self.loader_peak_memory_bytes, peak_memory_bytes)
 
     def report(self, peak: float | None) -> dict[str, float | None]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)

@@ -78,7 +78,7 @@ class MetricsReporter:
         tokens = (h // m.patch_size) * (w // m.patch_size) * b
         flops = train_flops_per_image(m, h * m.vae_downsample, w * m.vae_downsample) * b if b else 0.0
         self.window.add_batch(b, tokens, flops, wait_s)
-        self.window.add_loader_timings(stats.timings)
+        self.window.add_loader_timings(stats.timings, stats.peak_memory_bytes)
         self.skipped_rows = dict(stats.skipped)
         if self.rows_file is not None:
             self.rows_file.write(f"{stats.step} " + " ".join(str(int(r)) for r in batch.row_ids.tolist()) + "\n")
@@ -89,7 +89,11 @@ class MetricsReporter:
         values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
         wall_s = time.perf_counter() - self.window.start
         values.update(self.window.report(self.peak))
-        values["stall_pct_max"] = self.max_over_ranks(values["stall_pct"])  # rank 0's own stall can hide a slow rank
+        # rank 0's own stall can hide a slow rank; every loader's memory counts, not only rank 0's loader's
+        values["stall_pct_max"], peak_bytes = self.max_over_ranks(values["stall_pct"],
+                                                                  self.window.loader_peak_memory_bytes)
+        if peak_bytes > 0:  # a source with encoders (loader, colocated); a cache has none
+            values["loader_peak_memory_gb"] = peak_bytes / 2**30
         busy, wait = loader_load(self.window.loader_start, self.window.loader_now, wall_s)
         values["loader_busy_pct"], values["loader_wait_pct"] = busy, wait
         advice = self.balance.update(WindowStats(values["stall_pct"], values["stall_pct_max"], busy, wait))
@@ -104,13 +108,13 @@ class MetricsReporter:
         self.window = Window(loader_start=dict(self.window.loader_now))
         return totals
 
-    def max_over_ranks(self, value: float) -> float:
-        """The largest `value` over the model ranks (a collective, like total_skipped_rows)."""
+    def max_over_ranks(self, *values: float) -> list[float]:
+        """The largest of each of `values` over the model ranks, in one collective (like total_skipped_rows)."""
         if not self.ranks.is_ddp:
-            return value
-        values = torch.tensor([value], dtype=torch.float64, device=self.ranks.device)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.ranks.group)
-        return values.item()
+            return list(values)
+        maxima = torch.tensor(values, dtype=torch.float64, device=self.ranks.device)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self.ranks.group)
+        return maxima.tolist()
 
     def total_skipped_rows(self, base: dict[str, int]) -> dict[str, int]:
         """Rows skipped as bad, per reason, summed over loaders (checkpointed `base` + this process's sources).

@@ -36,6 +36,7 @@ class SourceStats:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per part of producing batches
     skipped: dict[str, int] = field(default_factory=dict)  # rows dropped, per reason
     stop_requested: bool = False  # the producer was asked to stop (a signal on a loader rank)
+    peak_memory_bytes: int = 0  # the encoders' peak memory while making this batch (0: no encoders, e.g. a cache)
 
 
 class BatchSource(Protocol):
@@ -81,10 +82,11 @@ class ColocatedSource:
 
     def next(self) -> tuple[Batch, SourceStats]:
         batch, timings, skipped = self.pending.result()
+        peak = self.producer.peak_memory_bytes  # of this batch's step: read before the next one starts
         step = self.step
         self.step += 1
         self.pending = self.pool.submit(self.producer, self.step)
-        return batch, SourceStats(step, timings, skipped)
+        return batch, SourceStats(step, timings, skipped, peak_memory_bytes=peak)
 
     def stop(self, step: int) -> None:
         self.pending.cancel()
@@ -142,7 +144,8 @@ class RemoteSource:
 
     def next(self) -> tuple[Batch, SourceStats]:
         batch, stats = self.receiver.next()  # the transport's LoaderStats -> the trainer's one stats type
-        return batch, SourceStats(stats.step, dict(stats.timings), dict(stats.skipped), stats.stop_requested)
+        return batch, SourceStats(stats.step, dict(stats.timings), dict(stats.skipped), stats.stop_requested,
+                                  stats.peak_memory_bytes)
 
     def stop(self, step: int) -> None:
         self.receiver.stop(step)

@@ -30,10 +30,11 @@ def test_round_trip_of_shapes_dtypes_and_stats():
                   torch.arange(3))
     timings = {name: 0.5 + i for i, name in enumerate(TIMING_FIELDS)}
     skipped = {name: 7 * i for i, name in enumerate(LOADER_STATS.skips)}
-    h = encode_header(LOADER_STATS, DATA, 123456, batch, timings, skipped, FLAG_STOP_REQUESTED)
+    h = encode_header(LOADER_STATS, DATA, 123456, batch, timings, skipped, FLAG_STOP_REQUESTED, 7 * 2**30 + 5)
     assert h.shape == (LOADER_STATS.header_len,) and h.dtype == torch.int64
     got = decode_header(LOADER_STATS, h, peer=0)
     assert (got.kind, got.step, got.rows, got.flags) == (DATA, 123456, 3, FLAG_STOP_REQUESTED)
+    assert got.peak_memory_bytes == 7 * 2**30 + 5  # the loader's peak encoder memory, exact
     assert got.specs == [(t.dtype, tuple(t.shape)) for t in batch.tensors()]
     assert got.timings == pytest.approx(timings, abs=1e-6) and got.skipped == skipped
 

@@ -24,7 +24,13 @@ from transformers import (
 
 from sd3.data.synthetic import captions as shape_captions
 from sd3.data.synthetic import sample_labels
-from sd3.encoders.text import TextEncoders, length_sorted_chunks, padded_tokens
+from sd3.encoders.text import (
+    AUTO_MICRO_BATCH,
+    TextEncoders,
+    length_sorted_chunks,
+    padded_tokens,
+    resolve_micro_batch,
+)
 from sd3.encoders.tiny import bert_tokenizer, clip_tokenizer, gemma_tokenizer
 
 # Lengths differ a lot within the batch (1 to ~40 words), so micro-batches of 2 pad far less than the whole batch.
@@ -59,7 +65,17 @@ def test_chunks_are_length_sorted_and_cover_every_row():
 
 
 def test_trim_is_on_by_default(text_encoders, tiny_cfg):
-    assert tiny_cfg.encoders.trim_text and text_encoders.micro_batch == tiny_cfg.encoders.text_micro_batch > 0
+    assert tiny_cfg.encoders.trim_text and tiny_cfg.encoders.text_micro_batch == 0
+    assert text_encoders.micro_batch == AUTO_MICRO_BATCH  # sized to each step
+
+
+def test_auto_micro_batch_scales_with_the_step():
+    """About 8 forwards per step, never below 16 captions: the presets' loader steps (batch x 3 consumers)."""
+    assert resolve_micro_batch(0, 420) == 53 and resolve_micro_batch(0, 120) == 16
+    assert resolve_micro_batch(0, 45) == 16 and resolve_micro_batch(0, 3) == 16
+    assert resolve_micro_batch(64, 45) == 64  # an explicit size is kept
+    lengths = np.random.default_rng(0).integers(5, 70, 45)  # a 1024 px step's captions
+    assert padded_tokens(lengths, resolve_micro_batch(0, 45)) < 0.8 * padded_tokens(lengths)
 
 
 @pytest.mark.parametrize("micro_batch", [1, 2, 3, 64])

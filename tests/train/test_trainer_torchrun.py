@@ -82,6 +82,8 @@ def test_loader_and_two_model_ranks_stop_on_sigterm_and_resume(tiny_models, shap
     assert [r["step"] for r in records] == list(range(1, TOTAL_STEPS + 1))  # B picked up right after A's checkpoint
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 and 0 <= r["stall_pct"] <= 100 for r in records)
     assert all(r["stall_pct"] <= r["stall_pct_max"] <= 100 for r in records)  # the worst model rank's stall
+    # The loader's peak memory crosses the wire (on CPU: its peak RSS, at least the encoders' weights).
+    assert all(0.05 < r["loader_peak_memory_gb"] < 20 for r in records)
     final = save / f"step-{TOTAL_STEPS:08d}"
     assert resolve_checkpoint(save) == final
 
