@@ -4,7 +4,8 @@ Under torchrun every process runs this; its role comes from [topology] (sd3/dist
 send batches (`run_loader`), model ranks train (`Trainer`). With topology.mode=colocated or cached, every
 process is a model rank with its own data, and a single process needs no torchrun at all. Resume
 (`--train.resume=auto|PATH`, reset_optim, reset_wandb) is decided once by sd3/train/checkpointer.py.
-With validation.every > 0, model rank 0 builds the Validator (sd3/eval/validation.py) and hands it to its Trainer.
+With validation.every > 0, model rank 0 builds the Validator (sd3/eval/validation.py) and hands it to its Trainer (under
+FSDP the other model ranks get a ValidationPeer, which joins the gathers of the sharded weights).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sd3.distributed import init_distributed, shutdown_distributed, signals
 from sd3.distributed.heartbeat import name_hung_first
 from sd3.distributed.loader import run_loader
 from sd3.errors import user_error_line
-from sd3.eval.validation import Validator
+from sd3.eval.validation import ValidationPeer, Validator
 from sd3.train.checkpoint import check_checkpoint
 from sd3.train.checkpointer import ResumePlan, data_start, plan_resume
 from sd3.train.sources import build_source, loader_sampler
@@ -103,13 +104,9 @@ def train_model_rank(cfg: Config, topology, plan: ResumePlan | None,
             # producing meanwhile, and the other model ranks wait for rank 0 at the Trainer's first collective.
             validator = None
             if cfg.validation.every > 0 and ranks.is_main:
-                if cfg.train.parallelism == "fsdp" and ranks.world > 1:
-                    # The Validator samples on rank 0 alone; a sharded model's forward is a collective, so it would
-                    # hang. Until the EMA is gathered for it, say so instead of hanging.
-                    print("sd3 train: validation is not run with train.parallelism=fsdp yet (validation.every ignored)",
-                          file=sys.stderr, flush=True)
-                else:
-                    validator = Validator(cfg, topology.device)
+                validator = Validator(cfg, topology.device)
+            elif cfg.validation.every > 0 and cfg.train.parallelism == "fsdp" and ranks.world > 1:
+                validator = ValidationPeer(cfg)  # joins rank 0's gathers of the sharded weights
             trainer = Trainer(cfg, ranks, source, plan, validator=validator)
             code = trainer.train()
             if after_train is not None:

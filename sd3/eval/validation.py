@@ -13,8 +13,11 @@ score the same held-out rows with the same noise at the same timesteps: their cu
   probability of equal-probability buckets of train's logit-normal t, so their plain mean estimates the training
   objective while each bucket shows one noise level.
 
-Only model rank 0 validates (the others wait at their next all_reduce). Its cost, set-up included, is reported as
-`val_time_pct` of the wall time since the Validator was built.
+Only model rank 0 validates (the others wait at their next all_reduce). Under FSDP the trained weights and the EMA
+are shards and a sharded forward is a collective, so at a validation step every model rank first joins the gathers
+of both (`gather_for_validation`; the other ranks run a ValidationPeer), and rank 0 validates on full copies in its
+sampling model: the loss then runs at the sampling dtype, as FSDP's own forward runs at its bf16 param_dtype. Its
+cost, set-up included, is reported as `val_time_pct` of the wall time since the Validator was built.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from sd3.sample.samplers import make_timesteps
 from sd3.seeds import generator
 from sd3.train.ema import EMA, unwrap
 from sd3.train.flow import add_noise, flow_loss, velocity_target
+from sd3.train.fsdp import full_tensors, is_sharded
 
 MAX_BATCH = 16  # images per forward, as Pipeline.__call__'s default max_batch
 
@@ -54,6 +58,32 @@ def loss_timesteps(n: int, mean: float, std: float) -> torch.Tensor:
 
 def sample_dir(save_dir: str | Path) -> Path:
     return Path(save_dir) / "samples"
+
+
+def validation_due(cfg: Config, step: int) -> bool:
+    """Every validation.every steps and at the last step of the run; never when every = 0."""
+    every = cfg.validation.every
+    return every > 0 and (step % every == 0 or step == cfg.train.total_steps)
+
+
+def gather_for_validation(model: nn.Module, ema: EMA,
+                          keep: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Under FSDP: the full trained and EMA weights, (model, ema). Collectives every model rank joins in the same
+    order; only a rank with keep=True (rank 0) holds the result, the others get ({}, {})."""
+    return full_tensors(unwrap(model).state_dict(), keep), ema.state_dict(keep)
+
+
+class ValidationPeer:
+    """The StepHook of model ranks other than 0 under FSDP: at each validation step, take part in rank 0's gathers
+    of the sharded weights (rank 0 cannot gather them alone), then go on to the next step."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def maybe_run(self, step: int, model: nn.Module, ema: EMA, logger,
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+        if validation_due(self.cfg, step):
+            gather_for_validation(model, ema, keep=False)
 
 
 class Validator:
@@ -125,16 +155,17 @@ class Validator:
         return sum(len(b) for b in self.heldout)
 
     def due(self, step: int) -> bool:
-        """Every `every` steps and at the last step of the run; never when every = 0."""
-        return self.every > 0 and (step % self.every == 0 or step == self.cfg.train.total_steps)
+        return validation_due(self.cfg, step)
 
     # ------------------------------------------------------------------------------------------------ the parts
 
     @torch.no_grad()
     def heldout_loss(self, model: nn.Module,
                      autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
-        """{"val_loss": mean over buckets, "val_loss_t{k}": bucket k} for `model` on the held-out rows."""
+        """{"val_loss": mean over buckets, "val_loss_t{k}": bucket k} for `model` on the held-out rows (its inputs in
+        the dtype of its weights: fp32 for the trained model, the sampling dtype for the sampling copy)."""
         model = unwrap(model)
+        dtype = next(model.parameters()).dtype
         was_training = model.training
         model.eval()
         sums = torch.zeros(len(self.t), dtype=torch.float64)
@@ -142,11 +173,12 @@ class Validator:
             x0 = batch.latents.to(self.device)  # (B, C, h, w)
             eps = noise.to(self.device)  # (B, C, h, w)
             target = velocity_target(x0, eps)  # (B, C, h, w)
-            context, pooled = batch.context.to(self.device), batch.pooled.to(self.device)  # (B, 2T, D), (B, P)
+            context = batch.context.to(self.device, dtype)  # (B, 2T, D)
+            pooled = batch.pooled.to(self.device, dtype)  # (B, P)
             for k, t_k in enumerate(self.t.tolist()):
                 t = torch.full((len(batch),), t_k, device=self.device)  # (B,)
                 with autocast():
-                    pred = model(add_noise(x0, eps, t), t, context, pooled)  # (B, C, h, w)
+                    pred = model(add_noise(x0, eps, t).to(dtype), t, context, pooled)  # (B, C, h, w)
                 sums[k] += flow_loss(pred, target).item() * len(batch)
         model.train(was_training)
         per_t = sums / self.rows
@@ -154,10 +186,14 @@ class Validator:
         values.update({f"val_loss_t{k}": float(v) for k, v in enumerate(per_t.tolist())})
         return values
 
-    def sample_images(self, ema: EMA) -> list[Image.Image]:
-        """The prompts sampled with the EMA weights: image k from noise seeded seed + k, as Pipeline.__call__."""
+    def sample_images(self, ema: EMA | dict[str, torch.Tensor]) -> list[Image.Image]:
+        """The prompts sampled with the EMA weights (the EMA, or its gathered full weights): image k from noise
+        seeded seed + k, as Pipeline.__call__."""
         s = self.cfg.sample
-        ema.copy_to(self.pipe.model)
+        if isinstance(ema, EMA):
+            ema.copy_to(self.pipe.model)
+        else:
+            self.pipe.model.load_state_dict(ema, strict=True)
         down = self.cfg.model.vae_downsample
         n = len(self.cfg.validation.prompts)
         noise = torch.cat([
@@ -176,7 +212,7 @@ class Validator:
             images += self.pipe.decode(latents)
         return images
 
-    def grid(self, ema: EMA, step: int) -> Path:
+    def grid(self, ema: EMA | dict[str, torch.Tensor], step: int) -> Path:
         """samples/step-XXXXXXXX.png: the EMA weights' images with their prompts under them."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step-{step:08d}.png"
@@ -189,8 +225,13 @@ class Validator:
             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, Any]:
         """Validate at `step`: {"val_loss"..., "val_grid": path, "val_seconds", "val_time_pct"}."""
         start = time.perf_counter()
+        averaged: EMA | dict[str, torch.Tensor] = ema
+        if is_sharded(unwrap(model)):  # FSDP: the other model ranks run ValidationPeer.maybe_run meanwhile
+            weights, averaged = gather_for_validation(model, ema, keep=True)
+            self.pipe.model.load_state_dict(weights, strict=True)
+            model = self.pipe.model
         values: dict[str, Any] = self.heldout_loss(model, autocast) if self.heldout else {}
-        values["val_grid"] = str(self.grid(ema, step))
+        values["val_grid"] = str(self.grid(averaged, step))
         seconds = time.perf_counter() - start
         self.spent += seconds
         values["val_seconds"] = seconds

@@ -76,10 +76,11 @@ class EMA:
     def sharded(self) -> bool:
         return any(isinstance(v, DTensor) for v in self.shadow.values())
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
         """The fp32 averaged weights, keyed like the model's state_dict (written to ema.safetensors): full tensors,
-        gathered from the shards when sharded (then every model rank must call it)."""
-        return full_tensors(self.shadow) if self.sharded else dict(self.shadow)
+        gathered from the shards when sharded (then every model rank must call it; keep=False: a rank that only
+        takes part in the gathers, which gets {})."""
+        return full_tensors(self.shadow, keep) if self.sharded else dict(self.shadow)
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -47,9 +47,18 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Unsharded copies on the CPU of every DTensor in `state` (a collective: every model rank must call it)."""
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in state.items()}
+def full_tensors(state: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Unsharded copies on the CPU of every DTensor in `state` (a collective: every model rank must call it).
+
+    keep=False: take part in the gathers but keep nothing (returns {}), one tensor gathered at a time, so only the
+    rank that needs the full weights (rank 0, validating) holds a host copy of them.
+    """
+    out = {}
+    for k, v in state.items():
+        full = (v.full_tensor() if isinstance(v, DTensor) else v).detach()
+        if keep:
+            out[k] = full.cpu()
+    return out
 
 
 @torch.no_grad()

@@ -78,7 +78,8 @@ class Trainer:
 
     cfg: the resolved Config; ranks: device and DDP group; source: the micro-batch stream (sd3/train/sources.py);
     plan: a checkpoint to start from (sd3/train/checkpointer.py), or None for a fresh run; validator: a StepHook
-    run after each report (only model rank 0 gets one; the other ranks wait at their next collective).
+    run after each report (model rank 0 gets the Validator; the other ranks wait at their next collective, or under
+    FSDP run a ValidationPeer that joins the gathers of the sharded weights).
     """
 
     def __init__(self, cfg: Config, ranks: ModelRanks, source: BatchSource, plan: ResumePlan | None = None,

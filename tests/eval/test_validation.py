@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from fixtures.training import train_overrides
+from fixtures.training import VALIDATION_PROMPTS as PROMPTS
+from fixtures.training import train_overrides, validation_overrides
 from PIL import Image
 from scipy.special import expit
 from scipy.stats import norm
@@ -22,18 +23,7 @@ from sd3.train.checkpoint import load_checkpoint
 from sd3.train.ema import EMA
 from sd3.train.trainer import Trainer
 
-PROMPTS = ["A red circle in the center of a white background.", "A blue star in the center of a black background."]
 CPU = torch.device("cpu")
-
-
-def validation_overrides(shapes_phase, every: int = 2) -> list[str]:
-    # The session's shapes shards stand in for a held-out folder: the Validator reads whatever folder it is given.
-    return [
-        f"--validation.every={every}", f"--validation.prompts={json.dumps(PROMPTS)}", "--validation.rows=6",
-        "--validation.batch_size=4", f"--validation.parquet_folder={shapes_phase.folder}",
-        f"--validation.bucket_indices_path={shapes_phase.index_path}",
-        "--sample.num_steps=2", "--sample.width=32", "--sample.height=32", "--sample.sampler=euler",
-    ]
 
 
 def test_loss_timesteps_are_the_probability_midpoints_of_the_logit_normal():

@@ -14,9 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from fixtures.training import train_overrides
+from fixtures.training import train_overrides, validation_overrides
+from PIL import Image
 from safetensors.torch import load_file
 
 from sd3.model.layers import TextPartEmbedding, TimestepEmbedding
@@ -37,7 +39,8 @@ def torchrun(args: list[str], timeout: float = 120) -> str:
 
 
 def losses(save_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]  # not the validation lines
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +54,9 @@ def fsdp_runs(tiny_models, shapes_phase, tmp_path_factory):
                                "--train.accumulation_steps=2", f"--train.save_every={STEPS}", *extra)
 
     runs = {}
-    for mode in ("ddp", "fsdp"):
+    for mode in ("ddp", "fsdp"):  # validating at the last step: under FSDP rank 0 gathers the sharded weights
         runs[mode] = root / mode
-        torchrun(args(runs[mode], mode, f"--train.total_steps={STEPS}"))
+        torchrun(args(runs[mode], mode, f"--train.total_steps={STEPS}", *validation_overrides(shapes_phase, STEPS)))
     for saved, mode in (("ddp", "fsdp"), ("fsdp", "ddp")):
         runs[f"{saved}->{mode}"] = root / f"{saved}-to-{mode}"
         torchrun(args(runs[f"{saved}->{mode}"], mode, f"--train.total_steps={STEPS + MORE}",
@@ -69,6 +72,23 @@ def test_fsdp_losses_equal_ddp(fsdp_runs):
     assert all(math.isfinite(v) for v in ddp + fsdp)
     # bf16 compute on both sides, different reduction order (all-reduce vs reduce-scatter): equal to ~1e-4.
     assert fsdp == pytest.approx(ddp, rel=2e-3, abs=2e-3)
+
+
+@pytest.mark.slow
+def test_fsdp_validates_like_ddp(fsdp_runs):
+    """The held-out loss and the EMA grid of an FSDP run are DDP's: rank 0 validates on the gathered full weights
+    while the other rank joins the gathers (no hang, no skipped validation)."""
+    def validation(run: Path) -> dict:
+        found = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in found if "val_loss" in r)
+
+    ddp, fsdp = validation(fsdp_runs["ddp"]), validation(fsdp_runs["fsdp"])
+    assert ddp["step"] == fsdp["step"] == STEPS and math.isfinite(fsdp["val_loss"])
+    # FSDP's loss runs at the sampling dtype (bf16 weights where bf16 is native), DDP's with fp32 weights.
+    assert fsdp["val_loss"] == pytest.approx(ddp["val_loss"], rel=2e-2)
+    grids = [np.asarray(Image.open(run / "samples" / f"step-{STEPS:08d}.png"), dtype=np.float32)
+             for run in (fsdp_runs["ddp"], fsdp_runs["fsdp"])]
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).mean() < 4.0  # of 255
 
 
 @pytest.mark.slow
