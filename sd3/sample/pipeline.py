@@ -24,6 +24,7 @@ from sd3.encoders.text import TextEncoders
 from sd3.encoders.vae import LatentVAE, normalize
 from sd3.errors import ConfigError
 from sd3.model import MMDiT, build_model
+from sd3.model.layers import fit_scalar
 from sd3.sample.checks import SIZE_MULTIPLE, Settings, check_settings, check_size, open_checkpoint, open_image
 from sd3.sample.images import to_pil, to_tensor
 from sd3.sample.offload import Offload
@@ -56,7 +57,7 @@ def load_weights(model: MMDiT, path: Path) -> None:
                            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
         with torch.no_grad():
             for key in keys:
-                tensor = f.get_tensor(key)
+                tensor = fit_scalar(f.get_tensor(key), own[key].shape)  # () scalars of older checkpoints
                 if tensor.shape != own[key].shape:
                     raise ConfigError(f"{path}: '{key}' has shape {tuple(tensor.shape)}, "
                                      f"the model expects {tuple(own[key].shape)}")

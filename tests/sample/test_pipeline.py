@@ -179,3 +179,23 @@ def test_init_image_sets_the_size_and_needs_the_vae_encoder(pipe, tiny_checkpoin
     decoder_only = Pipeline.from_checkpoint(tiny_checkpoint, device="cpu", dtype="bf16")
     with pytest.raises(ValueError, match="keep_vae_encoder=True"):
         decoder_only("a red circle", init_image=path, num_steps=2)
+
+
+def test_weights_with_the_older_0_dim_scalars_load(tmp_path):
+    """Checkpoints written before the scalar parameters became (1,) (FSDP refuses 0-dim ones) still sample."""
+    from safetensors.torch import save_file
+
+    from sd3.config_loader import load_config
+    from sd3.model import build_model
+    from sd3.sample.pipeline import load_weights
+
+    model = build_model(load_config("tiny-cpu").model)
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    old["time_embed.time_scale"] = torch.tensor(321.0)  # shape (), as such checkpoints hold it
+    save_file(old, str(tmp_path / "ema.safetensors"))
+    load_weights(model, tmp_path / "ema.safetensors")
+    assert model.time_embed.time_scale.tolist() == [321.0]
+    old["time_embed.time_scale"] = torch.ones(2)  # a real mismatch is still refused, naming the key
+    save_file(old, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ConfigError, match="time_embed.time_scale"):
+        load_weights(model, tmp_path / "bad.safetensors")
