@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from sd3.config import TrainConfig
 from sd3.devices import resolve_dtype, resolve_precision_name
@@ -78,7 +79,11 @@ def block_of(name: str) -> str:
 def block_norms(model: nn.Module) -> dict[str, torch.Tensor]:
     """L2 norms of the gradient and of the weights of every block, as device scalars keyed `grad_norm/<block>`
     and `weight_norm/<block>`. Called after the GradScaler unscaled the gradients (the source notes wandb's own
-    gradient hook reads scaled values under AMP)."""
+    gradient hook reads scaled values under AMP).
+
+    Under FSDP the tensors are shards and each norm is a DTensor of partial sums: full_tensor() all-reduces it to
+    the norm of the full tensors, as clip_grad_norm does (a collective: every model rank calls this at the same step).
+    """
     grads: dict[str, list[torch.Tensor]] = {}
     weights: dict[str, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
@@ -87,9 +92,9 @@ def block_norms(model: nn.Module) -> dict[str, torch.Tensor]:
         if p.grad is not None:
             grads.setdefault(block, []).append(p.grad.detach())
     out = {}
-    for block, tensors in grads.items():
-        out[f"grad_norm/{block}"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
-    for block, tensors in weights.items():
-        out[f"weight_norm/{block}"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    for kind, groups in (("grad_norm", grads), ("weight_norm", weights)):
+        for block, tensors in groups.items():
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+            out[f"{kind}/{block}"] = norm.full_tensor() if isinstance(norm, DTensor) else norm
     return out
 

@@ -40,7 +40,7 @@ def test_short_run_writes_grids_and_a_heldout_loss_curve(tmp_path, tiny_models, 
     calls it after each report; validating at 2 and 4 (every 2, and the last step)."""
     cfg = load_config("tiny-cpu", train_overrides(
         tiny_models, shapes_phase, tmp_path, "--topology.mode=colocated", "--train.total_steps=4",
-        "--train.save_every=100", *validation_overrides(shapes_phase, every=2),
+        "--train.save_every=100", "--train.grad_norms_every=2", *validation_overrides(shapes_phase, every=2),
     ))
     logged = {}
     validators = []
@@ -81,6 +81,16 @@ def test_short_run_writes_grids_and_a_heldout_loss_curve(tmp_path, tiny_models, 
     # Near t = 1 the input is almost pure noise: the velocity (noise - x0) is hardest to predict there.
     assert curve[0]["val_loss_t7"] != curve[0]["val_loss_t0"]
     assert curve[0]["val_loss"] != curve[1]["val_loss"]  # training moved the weights between the two
+    # train.grad_norms_every=2: per-block gradient and weight norms in the step reports of steps 2 and 4 only.
+    for r in (r for r in records if "loss" in r):
+        norms = {k: v for k, v in r.items() if k.startswith(("grad_norm/", "weight_norm/"))}
+        if r["step"] % 2:
+            assert not norms, r["step"]
+        else:
+            assert {"grad_norm/blocks.0", "weight_norm/blocks.3", "grad_norm/head"} <= norms.keys(), sorted(norms)
+            assert all(np.isfinite(v) and v >= 0 for v in norms.values()) and norms["grad_norm/head"] > 0
+            # Step 1 ran at lr 0 (warm-up), so at step 2 the zero-initialised head still blocks every other gradient.
+            assert (norms["grad_norm/blocks.0"] > 0) == (r["step"] == 4)
 
 
 def test_heldout_loss_is_fixed_across_validators_and_follows_the_weights(tiny_checkpoint, shapes_phase):
