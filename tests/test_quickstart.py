@@ -38,12 +38,15 @@ def test_derangement_moves_every_caption():
 def test_quickstart_tiny_run_then_resume(tmp_path):
     """A few steps from nothing to the grid; a second run skips every stage and still prints the grid."""
     cmd = [sys.executable, "-m", "sd3", "quickstart", "--root", str(tmp_path), "--steps", "4", "--n-images", "120",
-           "--vae-steps", "20", "--sample-steps", "2", "--prompt", "a red circle", "--prompt", "a blue square"]
+           "--vae-steps", "20", "--sample-steps", "2", "--prompt", "a red circle", "--prompt", "a blue square",
+           "--set", "train.precision=fp32"]  # what a CPU without native bf16 runs
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     grid = tmp_path / "runs" / "quickstart" / "quickstart_grid.png"
     assert first.stdout.strip().splitlines()[-1] == str(grid)
     assert Image.open(grid).size[0] > 128
+    trained = json.loads((tmp_path / "runs" / "quickstart" / "step-00000004" / "config.json").read_text())
+    assert trained["train"]["precision"] == "fp32"  # --set reached the training run
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=[], help="grid prompts (default: 8 shapes prompts)")
     parser.add_argument("--nproc", type=int, default=3, help="torchrun processes: 1 loader + (nproc - 1) model ranks")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override the tiny-cpu preset for training (e.g. --set train.precision=fp32); repeatable")
     parser.add_argument("--force", action="store_true", help="redo every stage")
 
 
@@ -168,7 +170,7 @@ def overrides(paths: Paths, args: argparse.Namespace) -> list[str]:
         f"--train.num_threads={args.threads}",
         f"--validation.every={VALIDATE_EVERY}", f"--validation.parquet_folder={paths.heldout.phase}",
         f"--validation.bucket_indices_path={paths.heldout.index}",
-    ]
+    ] + [f"--{item.removeprefix('--')}" for item in args.set]
 
 
 def finished_step(run_dir: Path) -> int:
@@ -207,8 +209,10 @@ def sample(paths: Paths, args: argparse.Namespace) -> Path:
     from sd3.sample.pipeline import Pipeline
 
     print("[6/6] sample ...", flush=True)
-    # The dtype train.precision=auto trained in: bf16 only on a CPU that computes it natively.
-    pipe = Pipeline.from_checkpoint(paths.run, device="cpu", dtype=resolve_precision_name("auto", "cpu"))
+    # The dtype training ran in: train.precision=auto is bf16 only on a CPU that computes it natively.
+    precision = next((item.split("=", 1)[1] for item in args.set
+                      if item.removeprefix("--").startswith("train.precision=")), "auto")
+    pipe = Pipeline.from_checkpoint(paths.run, device="cpu", dtype=resolve_precision_name(precision, "cpu"))
     prompts = args.prompt or list(PROMPTS)
     bar = tqdm(total=args.sample_steps, desc="sampling", unit="step")
 
