@@ -1,4 +1,4 @@
-"""`sd3 plan --config NAME [--gpu h100|h200|a100|l40s|...] [--measure] [--plan.KEY=VALUE] [--section.key=value]`.
+"""`sd3 plan --config NAME [--gpu h100|h200|a100|l40s|...] [--measure | --measured FILE] [--plan.KEY=VALUE] ...`.
 
 Before a launch: is the configured loader:model layout balanced, and which layout per node trains the most images
 per second per GPU? FLOPs per image of each loader part (Gemma-2, ModernBERT, Meta-CLIP text at the configured token
@@ -6,13 +6,15 @@ count, the FLUX VAE encoder at the stage's resolution) and of the MMDiT forward+
 activation checkpointing as configured) are counted on the real architectures on the meta device: offline, no
 weights, seconds. Times come from the GPU's bf16 peak × per-part efficiencies (--plan.*_efficiency), or with
 --measure from timing each part on this machine (a GPU when there is one; on a CPU at reduced depth and small
-shapes). Prints a table and ends with one JSON line (predicted_stall_pct, recommended_stall_pct, ...).
+shapes), or with --measured FILE from what `sd3 bench gpu` measured on a GPU machine (its JSON line, in FILE).
+Prints a table and ends with one JSON line (predicted_stall_pct, recommended_stall_pct, ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -36,6 +38,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure-res", type=int, default=None,
                         help="px of the timed VAE/MMDiT (default 256 on a GPU, 64 on a CPU)")
     parser.add_argument("--measure-batch", type=int, default=None, help="images per timed call (default 8 GPU, 2 CPU)")
+    parser.add_argument("--measured", default=None, metavar="FILE",
+                        help="the output of `sd3 bench gpu` (its last JSON line) from the machine to plan for: its "
+                             "achieved FLOP/s per part instead of assumed efficiencies")
+
+
+def bench_gpu_achieved(path: str) -> tuple[dict[str, float], str]:
+    """The per-part FLOP/s of a `sd3 bench gpu` output file (its last JSON line with them), and where they came from."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"--measured {path}: {e.strerror or e}") from None
+    for line in reversed(lines):
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(result, dict) and "plan_measure_achieved_flops_per_s" in result:
+            break
+    else:
+        raise ConfigError(f"--measured {path}: no `sd3 bench gpu` JSON line (with plan_measure_achieved_flops_per_s)")
+    achieved = result["plan_measure_achieved_flops_per_s"]
+    missing = [p for p in (*PARTS, "mmdit") if not isinstance(achieved.get(p), int | float) or achieved[p] <= 0]
+    if missing:
+        # e.g. the VAE, which bench gpu skips where diffusers is missing
+        raise ConfigError(f"--measured {path}: no achieved FLOP/s for {', '.join(missing)}")
+    return {p: float(achieved[p]) for p in (*PARTS, "mmdit")}, f"measured by sd3 bench gpu on {result.get('device')}"
 
 
 def measure_achieved(cfg, args: argparse.Namespace) -> tuple[dict[str, float], str]:
@@ -106,8 +134,12 @@ def main(args: argparse.Namespace) -> int:
     multiple = cfg.model.patch_size * cfg.model.vae_downsample
     if height % multiple or width % multiple:
         raise ConfigError(f"--height/--width {height}x{width} must be multiples of {multiple} px")
-    counted = count_costs(cfg, settings, height, width)
     achieved, how = None, f"assumed efficiencies on {settings.gpu}"
+    if args.measure and args.measured:
+        raise ConfigError("--measure and --measured are alternatives: time here, or read another machine's timings")
+    if args.measured:  # read (and refused) before anything is counted
+        achieved, how = bench_gpu_achieved(args.measured)
+    counted = count_costs(cfg, settings, height, width)
     if args.measure:
         achieved, how = measure_achieved(cfg, args)
     plan = make_plan(cfg, settings, height, width, achieved, counted)

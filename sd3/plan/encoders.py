@@ -83,9 +83,14 @@ def local_folder(part: str, encoders: EncodersConfig | None) -> Path | None:
     return None
 
 
+TIMING_VOCAB = 4096  # vocabulary of reduced-depth timing copies (text_config)
+
+
 def text_config(part: str, layers: int | None = None, folder: Path | None = None) -> PretrainedConfig:
     """The library config of a text part (shipped, or read from a local `folder`); `layers` overrides
-    num_hidden_layers (None: the real depth)."""
+    num_hidden_layers (None: the real depth) for a reduced timing copy, whose vocabulary is also capped at
+    TIMING_VOCAB: the token ids run are zeros and an embedding lookup costs no FLOPs, while Gemma-2's full table
+    (256k x 2304, 590M parameters) would take most of a CPU timing run to initialise."""
     config_class, _ = TEXT_CLASSES[part]
     if folder is not None:
         config = config_class.from_pretrained(folder)
@@ -99,6 +104,11 @@ def text_config(part: str, layers: int | None = None, folder: Path | None = None
         if layers is not None:
             values["num_hidden_layers"] = layers
             values.pop("layer_types", None)  # Gemma-2 derives its per-layer attention types from the depth
+            values["vocab_size"] = min(values["vocab_size"], TIMING_VOCAB)
+            for key in ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id",
+                        "mask_token_id"):  # special ids must stay inside the table (the ids run are zeros anyway)
+                if isinstance(values.get(key), int) and values[key] >= TIMING_VOCAB:
+                    values[key] = TIMING_VOCAB - 1
         config = config_class(**values)
     if part == "gemma":
         # As TextEncoders.load: transformers 5 runs Gemma-2 with eager attention (soft-capping is not in SDPA).

@@ -43,3 +43,30 @@ def test_bad_input_is_one_line_naming_the_culprit(argv, culprit, capsys):
     assert main(["plan", "--config", "sd3-1b-256", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and culprit in err
+
+
+@pytest.mark.slow
+def test_bench_gpu_tiny_feeds_plan_measured(tiny_models, tmp_path, capsys):
+    """`sd3 bench gpu --tiny` (its CPU code path: real-width 1-layer encoders, the tiny MMDiT) ends in one JSON
+    line; `sd3 plan --measured` reads that line and times every part with its achieved FLOP/s."""
+    assert main(["bench", "gpu", "--tiny", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    bench = last_json(out)
+    achieved = bench["plan_measure_achieved_flops_per_s"]
+    assert set(achieved) == {"gemma", "bert", "clip", "vae", "mmdit"} and all(v > 0 for v in achieved.values())
+    assert bench["device"] == "cpu" and bench["attention_backend"] == "sdpa" and bench["mmdit_step_s_64_eager"] > 0
+    assert bench["gemma_images_per_s"] > 0 and bench["vae_64_images_per_s"] > 0
+    (tmp_path / "bench_gpu.txt").write_text(out)
+
+    assert main(["plan", "--config", "tiny-cpu", *tiny_models.overrides, "--measured",
+                 str(tmp_path / "bench_gpu.txt")]) == 0
+    plan = last_json(capsys.readouterr().out)
+    assert plan["source"] == "measured"
+    for part in ("gemma", "bert", "clip", "vae"):
+        assert plan[f"{part}_s_per_image"] == pytest.approx(plan[f"{part}_flops_per_image"] / achieved[part])
+
+    (tmp_path / "other.txt").write_text('{"bench": "model"}\n')
+    for path, culprit in ((tmp_path / "other.txt", "no `sd3 bench gpu` JSON line"), (tmp_path / "nope", "nope")):
+        assert main(["plan", "--config", "tiny-cpu", *tiny_models.overrides, "--measured", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and culprit in err and str(path) in err
