@@ -2,7 +2,8 @@
 
 `--only vae` writes the VAE posterior of every image into data.latent_cache (format: sd3/data/latents.py), one
 file per data shard, skipping shards already cached: the cache of hybrid mode / colocated runs with
-data.latent_cache, where captions stay online. It runs in one process. Without it, the rest of this docstring:
+data.latent_cache, where captions stay online. Under torchrun the shards are shared out among the processes (one GPU
+each with encoders.device=auto). Without it, the rest of this docstring:
 
 Walks epoch 0 of the bucket sampler of each of N loaders (the loader count of the training run that will read
 the cache: 1 for a single process, the world size for colocated/cached under torchrun) and writes each step's
@@ -53,17 +54,33 @@ def build_latent_cache(cfg: Config) -> int:
 
     if not cfg.data.latent_cache:
         raise ConfigError("sd3 cache --only vae writes into data.latent_cache: pass --data.latent_cache=FOLDER")
+    import torch
+    import torch.distributed as dist
+
     enc = cfg.encoders
-    with runtime_settings(cfg.train):
-        vae = LatentVAE.load(enc.vae, enc.vae_subfolder, enc.device, enc.vae_dtype, with_decoder=False,
-                             micro_batch=enc.vae_micro_batch, memory_gb=enc.vae_memory_gb,
-                             channels_last=enc.vae_channels_last, compile=enc.vae_compile,
-                             latent_norm=enc.latent_norm)
-        writer = LatentCacheWriter(cfg.data.latent_cache, ShardReader(cfg.data.parquet_folder))
-        written = writer.write_all(vae, progress=True)
-    print(f"sd3 cache: {len(written)} new shards cached in {cfg.data.latent_cache} "
-          f"({len(writer.reader.paths) - len(written)} already there)", flush=True)
-    return 0
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        dist.init_process_group("gloo")  # only for the barrier and the count at the end
+    try:
+        with runtime_settings(cfg.train):
+            vae = LatentVAE.load(enc.vae, enc.vae_subfolder, enc.device, enc.vae_dtype, with_decoder=False,
+                                 micro_batch=enc.vae_micro_batch, memory_gb=enc.vae_memory_gb,
+                                 channels_last=enc.vae_channels_last, compile=enc.vae_compile,
+                                 latent_norm=enc.latent_norm)
+            writer = LatentCacheWriter(cfg.data.latent_cache, ShardReader(cfg.data.parquet_folder))
+            written = len(writer.write_all(vae, progress=rank == 0, rank=rank, world=world))
+        if world > 1:
+            total = torch.tensor([written])
+            dist.all_reduce(total)  # also the barrier: every shard is on disk when rank 0 reports
+            written = int(total.item())
+        if rank == 0:
+            print(f"sd3 cache: {written} new shards cached in {cfg.data.latent_cache} "
+                  f"({len(writer.reader.paths) - written} already there"
+                  + (f"; {world} processes" if world > 1 else "") + ")", flush=True)
+        return 0
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 def build_cache(cfg: Config, num_loaders: int, max_steps: int = 0) -> int:

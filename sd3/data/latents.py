@@ -54,7 +54,10 @@ def vae_facts(vae) -> dict:
 
 
 class LatentCacheWriter:
-    """`write_all(vae)` caches every shard of `reader`'s folder not yet in `folder`; returns shards written."""
+    """`write_all(vae)` caches every shard of `reader`'s folder not yet in `folder`; returns shards written.
+
+    Shards are independent files, so processes share them out without talking: process `rank` of `world` takes
+    the shards k with k % world == rank (`sd3 cache --only vae` under torchrun, a GPU each)."""
 
     def __init__(self, folder: str | Path, reader: ShardReader, rows_per_read: int = 64):
         self.folder = Path(folder)
@@ -68,7 +71,7 @@ class LatentCacheWriter:
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("rows") == str(int(self.reader.row_counts[k]))
 
-    def write_all(self, vae, progress: bool = False) -> list[str]:
+    def write_all(self, vae, progress: bool = False, rank: int = 0, world: int = 1) -> list[str]:
         self.folder.mkdir(parents=True, exist_ok=True)
         manifest = {"version": LATENT_CACHE_VERSION, "dtype": "bf16", **vae_facts(vae)}
         manifest_path = self.folder / MANIFEST
@@ -76,10 +79,12 @@ class LatentCacheWriter:
             old = json.loads(manifest_path.read_text())
             if old != manifest:
                 raise ValueError(f"latent cache {self.folder} was written by another VAE ({old}); use a new folder")
-        else:
-            manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        else:  # every process writes the same manifest: atomically, so a reader never sees half of one
+            tmp = manifest_path.with_name(f".{MANIFEST}.{rank}.tmp")
+            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            os.replace(tmp, manifest_path)
         written = []
-        for k in range(len(self.reader.paths)):
+        for k in range(rank, len(self.reader.paths), world):
             if not self.done(k):
                 self.write_shard(k, vae)
                 written.append(self.reader.paths[k].name)

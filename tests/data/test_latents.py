@@ -153,3 +153,38 @@ def test_bad_images_keep_their_skip_reason(tiny_models, tmp_path):
     assert LatentCacheWriter(tmp_path / "cache", reader).write_all(vae) == ["000.parquet"]
     posterior, reasons = LatentCacheReader(tmp_path / "cache", reader).lookup(np.array([0, 1, 2]), 16, 32)
     assert reasons == [None, "decode_error", "empty_image"] and posterior.shape == (1, 2, 16, 2, 4)
+
+
+@pytest.mark.slow
+def test_cache_vae_under_torchrun_shares_the_shards(latent_cache, tiny_models, shapes_phase, tmp_path):
+    """Two processes split the shards (k % world == rank) and together write the one-process cache."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sd3",
+           "cache", "--config", "tiny-cpu", "--only", "vae", *tiny_models.overrides,
+           f"--data.parquet_folder={shapes_phase.folder}", f"--data.bucket_indices_path={shapes_phase.index_path}",
+           f"--data.latent_cache={folder}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reader = ShardReader(shapes_phase.folder)
+    assert len(reader.paths) >= 2  # both processes have shards to write
+    assert f"{len(reader.paths)} new shards cached" in proc.stdout and "2 processes" in proc.stdout
+    manifests = [json.loads((f / "manifest.json").read_text()) for f in (folder, latent_cache)]
+    assert manifests[0] == manifests[1]
+    for path in reader.paths:
+        ours, one_process = (load_file(str(f / shard_file(path))) for f in (folder, latent_cache))
+        assert ours.keys() == one_process.keys()
+        for key, value in ours.items():  # bf16 posteriors: the thread count may move a last bit
+            torch.testing.assert_close(value.float(), one_process[key].float(), atol=1e-2, rtol=1e-2)
+
+
+def test_writers_of_a_world_share_the_shards_out(latent_cache, shapes_phase, tiny_models, tmp_path):
+    reader = ShardReader(shapes_phase.folder)
+    vae = LatentVAE.load(str(tiny_models.root / "flux"), "vae", "cpu", "fp32", with_decoder=False)
+    parts = [LatentCacheWriter(tmp_path, reader).write_all(vae, rank=r, world=3) for r in range(3)]
+    assert sorted(sum(parts, [])) == sorted(p.name for p in reader.paths)
+    assert parts[0] == [p.name for p in reader.paths[0::3]] and parts[2] == [p.name for p in reader.paths[2::3]]
