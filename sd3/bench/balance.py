@@ -15,8 +15,11 @@ Prints predicted vs measured per variant; the goal is that they differ by <= 5 p
 VARIANTS maps a name to config overrides, the cheaper-loader settings of issue 13:
 - base: full online, untrimmed text (one forward per encoder, padded to the step's longest caption);
 - trimmed: encoders.trim_text with micro-batches of 1 caption (a step here has only `--batch` captions, so the
-  default 64 would be one micro-batch, i.e. untrimmed). Besides the stall, its text-encoder seconds are compared
-  with the saving the planner predicts from the token counts of the shards' own captions (sd3/plan/captions.py);
+  default would be one micro-batch, i.e. untrimmed). The shapes captions of one step are nearly equally long, so
+  trimming saves little here and one forward per caption costs more than it saves; whether trimming saves what the
+  plan predicts is measured apart, where it pays: one step of `--mix-rows` captions with the planner's lengths
+  (PlanSettings.caption_tokens_*: ~60 tokens, spread 25 %) through the same encoders, untrimmed vs trimmed in
+  micro-batches of `--mix-micro-batch`, against the planner's token-position ratio (sd3/plan/captions.py);
 - vae_chunked: the VAE in micro-batches of 1 image (encoders.vae_micro_batch), channels_last;
 - hybrid: topology.mode=hybrid reading the VAE posteriors that `sd3 cache --only vae` writes (run by this bench
   into WORKDIR/latents, incremental) — the loader runs the text encoders only.
@@ -54,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dim", type=int, default=256, help="MMDiT width (the loader must be slower)")
     parser.add_argument("--model-blocks", type=int, default=4, help="MMDiT blocks")
     parser.add_argument("--workdir", default="data/bench-balance", help="models + shapes data (made if missing)")
+    parser.add_argument("--mix-rows", type=int, default=32, help="captions of the trimming check's step")
+    parser.add_argument("--mix-micro-batch", type=int, default=8, help="its captions per trimmed forward")
 
 
 def write_encoders(root: Path) -> None:
@@ -154,6 +159,43 @@ def caption_mix(cfg):
     return mixes
 
 
+def trimming_on_the_plan_mix(cfg, rows: int, micro_batch: int, repeats: int = 3) -> dict[str, float]:
+    """Seconds per text part of one step of `rows` long captions drawn from the planner's mix, untrimmed and trimmed
+    (micro-batches of `micro_batch`), and the planner's ratio of token positions for exactly those captions."""
+    import copy
+
+    import numpy as np
+
+    from sd3.encoders.text import TextEncoders, padded_tokens
+    from sd3.plan.captions import CaptionMix
+    from sd3.plan.settings import PlanSettings
+
+    settings = PlanSettings()
+    mix = CaptionMix.normal(settings.caption_tokens_long, settings.caption_tokens_short,
+                            settings.caption_tokens_spread, 1.0)
+    words = np.minimum(np.random.default_rng(0).choice(mix.long, size=rows), 70)  # (rows,): < CLIP's 77 window
+    captions = [" ".join(["red"] * int(n)) for n in words]  # one token per word in every tiny tokenizer
+    untrimmed = TextEncoders.load(cfg.encoders, 77, torch.device("cpu"))
+    untrimmed.micro_batch = 0
+    trimmed = copy.copy(untrimmed)
+    trimmed.micro_batch = micro_batch
+    out: dict[str, float] = {}
+    for name, encoders in (("untrimmed", untrimmed), ("trimmed", trimmed)):
+        encoders.encode(captions)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            timings = {p: 0.0 for p in TEXT_PARTS}
+            encoders.encode(captions, timings)
+            runs.append(timings)
+        for part in TEXT_PARTS:
+            out[f"{part}_s_{name}"] = float(np.median([r[part] for r in runs]))
+    for part, tokenizer in (("gemma", untrimmed.gemma_tokenizer), ("bert", untrimmed.bert_tokenizer),
+                            ("clip", untrimmed.clip_tokenizer)):
+        lengths = [len(i) for i in tokenizer(captions, max_length=77, truncation=True)["input_ids"]]
+        out[f"{part}_token_ratio"] = padded_tokens(lengths, micro_batch) / padded_tokens(lengths)
+    return out
+
+
 def predicted_text_ratio(cfg, mixes) -> dict[str, float]:
     """Per text part: the planner's token positions trimmed / untrimmed on these captions at this step size."""
     from sd3.encoders.text import resolve_micro_batch
@@ -214,8 +256,9 @@ def model_step_s(cfg, steps: int) -> float:
     return elapsed
 
 
-def measured_stall(config: str, overrides: list[str], steps: int) -> tuple[float, int]:
-    """Mean stall_pct over the log windows after the first, of the real 2-process job; (stall, windows)."""
+def measured_stall(config: str, overrides: list[str], steps: int) -> tuple[float, int, float]:
+    """Mean stall_pct over the log windows after the first, of the real 2-process job; (stall, windows, the model
+    rank's busy seconds per step there: step_s x (1 - stall), to set beside its step time measured alone)."""
     from sd3.distributed.topology import free_port
 
     with tempfile.TemporaryDirectory() as out:
@@ -228,8 +271,9 @@ def measured_stall(config: str, overrides: list[str], steps: int) -> tuple[float
         if done.returncode:
             raise RuntimeError(f"the 2-process job failed (exit code {done.returncode})")
         windows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    later = [w["stall_pct"] for w in windows[1:]]
-    return sum(later) / len(later), len(later)
+    later = windows[1:]
+    busy = sum(w["step_s"] * (1 - w["stall_pct"] / 100) for w in later) / len(later)
+    return sum(w["stall_pct"] for w in later) / len(later), len(later), busy
 
 
 def main(args: argparse.Namespace) -> int:
@@ -249,7 +293,6 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(THREADS)
     figures: dict[str, float | int] = {}
     text_s: dict[str, float] = {}
-    part_s: dict[str, dict[str, float]] = {}
     for name in names:
         # Only hybrid reads the cache: the other variants encode images online, as their names say.
         overrides = [o for o in base if name == "hybrid" or not o.startswith("--data.latent_cache=")] + VARIANTS[name]
@@ -257,28 +300,37 @@ def main(args: argparse.Namespace) -> int:
         (loader_s, parts), model_s = loader_step_s(cfg, args.timing_steps), model_step_s(cfg, args.timing_steps)
         b = cfg.data.batch_size
         predicted = predict(Layout((1,)), b, loader_s / b, model_s / b).stall_pct
-        measured, windows = measured_stall(args.config, overrides, args.steps)
-        part_s[name], text_s[name] = parts, sum(parts.get(p, 0.0) for p in TEXT_PARTS)
+        measured, windows, busy_in_job = measured_stall(args.config, overrides, args.steps)
+        text_s[name] = sum(parts.get(p, 0.0) for p in TEXT_PARTS)
         print(f"bench balance [{name}]: loader {loader_s:.3f} s/step (text {text_s[name]:.3f}, vae "
               f"{parts.get('vae', 0.0):.3f}), model {model_s:.3f} s/step -> predicted stall {predicted:.1f} %, "
-              f"measured {measured:.1f} % ({windows} windows)", flush=True)
+              f"measured {measured:.1f} % ({windows} windows; the model rank busy {busy_in_job:.3f} s/step there)",
+              flush=True)
         figures.update({f"loader_step_s_{name}": loader_s, f"model_step_s_{name}": model_s,
                         f"text_step_s_{name}": text_s[name], f"vae_step_s_{name}": parts.get("vae", 0.0),
                         f"predicted_stall_pct_{name}": predicted, f"measured_stall_pct_{name}": measured,
-                        f"stall_error_points_{name}": abs(predicted - measured)})
+                        f"stall_error_points_{name}": abs(predicted - measured),
+                        f"model_busy_s_in_job_{name}": busy_in_job})
     if {"base", "trimmed"} <= set(names):
-        # The plan's prediction of trimming: each encoder's untrimmed seconds x its token-position ratio.
+        # On the shards' own captions: the planner's token ratios, and what the job's loader saved (or lost).
         cfg = load_config(args.config, [o for o in base if "latent_cache" not in o] + VARIANTS["trimmed"])
         ratios = predicted_text_ratio(cfg, caption_mix(cfg))
         figures.update({f"trimmed_token_ratio_{p}": r for p, r in ratios.items()})
-        predicted_saving = sum(part_s["base"].get(p, 0.0) * (1 - r) for p, r in ratios.items())
-        mean_ratio = 1 - predicted_saving / text_s["base"]
-        measured_saving = text_s["base"] - text_s["trimmed"]
-        figures.update({"trimmed_text_saving_s_predicted": predicted_saving,
-                        "trimmed_text_saving_s_measured": measured_saving,
+        figures["trimmed_text_saving_s_shapes_job"] = text_s["base"] - text_s["trimmed"]
+    if "trimmed" in names:
+        # Where trimming pays: the planner's caption mix; saving measured vs predicted, summed over the encoders.
+        cfg = load_config(args.config, [o for o in base if "latent_cache" not in o] + VARIANTS["trimmed"])
+        mix = trimming_on_the_plan_mix(cfg, args.mix_rows, args.mix_micro_batch)
+        before = sum(mix[f"{p}_s_untrimmed"] for p in TEXT_PARTS)
+        measured_saving = before - sum(mix[f"{p}_s_trimmed"] for p in TEXT_PARTS)
+        predicted_saving = sum(mix[f"{p}_s_untrimmed"] * (1 - mix[f"{p}_token_ratio"]) for p in TEXT_PARTS)
+        figures.update({f"plan_mix_{k}": v for k, v in mix.items()})
+        figures.update({"trimmed_text_saving_pct_measured": 100.0 * measured_saving / before,
+                        "trimmed_text_saving_pct_predicted": 100.0 * predicted_saving / before,
                         "trimmed_saving_error_pct": 100.0 * abs(measured_saving - predicted_saving)
                         / max(predicted_saving, 1e-12)})
-        print(f"bench balance: trimmed text saves {measured_saving:.4f} s/step of text encoding, the plan predicts "
-              f"{predicted_saving:.4f} (token positions x {mean_ratio:.3f})", flush=True)
+        print(f"bench balance: on the plan's caption mix ({args.mix_rows} captions, micro-batches of "
+              f"{args.mix_micro_batch}) trimming saves {100 * measured_saving / before:.1f} % of the text encoders' "
+              f"time; the plan predicts {100 * predicted_saving / before:.1f} %", flush=True)
     print_result(figures)
     return 0

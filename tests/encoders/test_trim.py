@@ -204,3 +204,14 @@ if __name__ == "__main__":
     import json
 
     print(json.dumps(report_flops_saved()))
+
+
+def test_bench_balance_times_trimming_on_the_plans_caption_mix(tiny_cfg):
+    """The check `sd3 bench balance` reports: the same captions untrimmed and trimmed through the same encoders,
+    with the planner's token ratio for exactly those captions (tiny encoders here; real-width 1-layer ones there)."""
+    from sd3.bench.balance import TEXT_PARTS, trimming_on_the_plan_mix
+
+    out = trimming_on_the_plan_mix(tiny_cfg, rows=8, micro_batch=2, repeats=1)
+    for part in TEXT_PARTS:
+        assert out[f"{part}_s_untrimmed"] > 0 and out[f"{part}_s_trimmed"] > 0
+        assert 0.5 < out[f"{part}_token_ratio"] < 1.0  # lengths spread by 25 %: trimming removes some padding
