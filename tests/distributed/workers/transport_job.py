@@ -77,9 +77,9 @@ def run(scenario: str, steps: int, out_dir: Path) -> int:
         max_seen = 0
         original_send = sender.send
 
-        def send(consumer, step, batch, timings, skipped, flags):
+        def send(consumer, step, batch, *stats):  # timings, skipped, flags, peak memory: passed on as they are
             nonlocal max_seen
-            original_send(consumer, step, batch, timings, skipped, flags)
+            original_send(consumer, step, batch, *stats)
             if consumer not in sender.finished:  # DONE headers go beyond the window, on purpose
                 max_seen = max(max_seen, len(sender.in_flight[consumer]))
 
