@@ -86,11 +86,12 @@ def local_folder(part: str, encoders: EncodersConfig | None) -> Path | None:
 TIMING_VOCAB = 4096  # vocabulary of reduced-depth timing copies (text_config)
 
 
-def text_config(part: str, layers: int | None = None, folder: Path | None = None) -> PretrainedConfig:
+def text_config(part: str, layers: int | None = None, folder: Path | None = None,
+                timing_copy: bool = False) -> PretrainedConfig:
     """The library config of a text part (shipped, or read from a local `folder`); `layers` overrides
-    num_hidden_layers (None: the real depth) for a reduced timing copy, whose vocabulary is also capped at
-    TIMING_VOCAB: the token ids run are zeros and an embedding lookup costs no FLOPs, while Gemma-2's full table
-    (256k x 2304, 590M parameters) would take most of a CPU timing run to initialise."""
+    num_hidden_layers (None: the real depth). timing_copy (with `layers`): also cap the vocabulary at TIMING_VOCAB,
+    for a copy that is only timed: the token ids run are zeros and an embedding lookup costs no FLOPs, while
+    Gemma-2's full table (256k x 2304, 590M parameters) would take most of a CPU timing run to initialise."""
     config_class, _ = TEXT_CLASSES[part]
     if folder is not None:
         config = config_class.from_pretrained(folder)
@@ -104,6 +105,7 @@ def text_config(part: str, layers: int | None = None, folder: Path | None = None
         if layers is not None:
             values["num_hidden_layers"] = layers
             values.pop("layer_types", None)  # Gemma-2 derives its per-layer attention types from the depth
+        if layers is not None and timing_copy:
             values["vocab_size"] = min(values["vocab_size"], TIMING_VOCAB)
             for key in ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id",
                         "mask_token_id"):  # special ids must stay inside the table (the ids run are zeros anyway)
@@ -156,7 +158,8 @@ def build_part(part: str, device: torch.device | str = "meta", dtype: torch.dtyp
             vae.post_quant_conv = None
             model: nn.Module = vae
         else:
-            model = TEXT_CLASSES[part][1](text_config(part, layers, folder))
+            # A reduced-depth copy is only ever timed (sd3 plan --measure, sd3 bench gpu --tiny)
+            model = TEXT_CLASSES[part][1](text_config(part, layers, folder, timing_copy=layers is not None))
     model.requires_grad_(False)
     return model.eval()
 
