@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from fixtures.training import train_overrides
+from fixtures.training import straight_and_resumed
 
 from sd3.cli import main as cli_main
 from sd3.commands.cache import build_latent_cache
-from sd3.commands.train import run
 from sd3.config_loader import load_config
 from sd3.data.batches import decode_row, to_unit_range
 from sd3.data.latents import LatentCacheReader, LatentCacheWriter, shard_file
@@ -117,19 +116,7 @@ def test_latent_cache_run_resumes_exactly(latent_cache, tiny_models, shapes_phas
     """Colocated with data.latent_cache (the producer hybrid loader ranks run): 8 steps = 4, stop, resume, 4."""
     common = ("--topology.mode=colocated", f"--data.latent_cache={latent_cache}", "--train.deterministic=true",
               "--train.save_every=4", "--train.reset_optim=true", "--train.reset_wandb=true")
-    straight, split = tmp_path / "straight", tmp_path / "split"
-
-    def losses(run_dir):
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in records}
-
-    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, straight, *common,
-                                                       "--train.total_steps=8"))) == 0
-    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, split, *common,
-                                                       "--train.total_steps=4"))) == 0
-    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, split, *common,
-                                                       "--train.total_steps=8", "--train.resume=auto"))) == 0
-    a, b = losses(straight), losses(split)
+    a, b = straight_and_resumed(tiny_models, shapes_phase, tmp_path, common, total=8, stop=4)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]
 

@@ -3,23 +3,18 @@ started with train.init_from, which a save_dir with a checkpoint of its own igno
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from fixtures.training import train_overrides
+from fixtures.training import logged_losses as losses
+from fixtures.training import straight_and_resumed, train_overrides
 
 from sd3.commands.train import run
 from sd3.config_loader import load_config
 from sd3.errors import CheckpointError
 from sd3.train.checkpoint import load_checkpoint
 from sd3.train.checkpointer import Checkpointer, ResumePlan, plan_resume
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
 
 
 def assert_same_tree(a, b, where: str = "") -> None:
@@ -41,16 +36,9 @@ def assert_same_tree(a, b, where: str = "") -> None:
 def test_resume_replays_the_uninterrupted_run(tiny_models, shapes_phase, tmp_path):
     common = ("--topology.mode=colocated", "--train.deterministic=true", "--train.save_every=10",
               "--train.ema_update_every=3", "--train.reset_optim=true", "--train.reset_wandb=true")
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, straight, *common,
-                                                       "--train.total_steps=20"))) == 0
-    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, split, *common,
-                                                       "--train.total_steps=10"))) == 0
     # resume=auto continues the run exactly even though reset_optim / reset_wandb are set (they apply to PATH).
-    assert run(load_config("tiny-cpu", train_overrides(tiny_models, shapes_phase, split, *common,
-                                                       "--train.total_steps=20", "--train.resume=auto"))) == 0
-
-    a, b = losses(straight), losses(split)
+    a, b = straight_and_resumed(tiny_models, shapes_phase, tmp_path, common, total=20, stop=10)
+    straight, split = tmp_path / "straight", tmp_path / "split"  # where it ran them
     assert sorted(a) == sorted(b) == list(range(1, 21))
     assert [a[s] for s in range(1, 21)] == [b[s] for s in range(1, 21)]
 
