@@ -14,8 +14,10 @@ are shared out among the processes. Interrupted runs resume: finished step files
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 from tqdm import tqdm
 
@@ -45,6 +47,22 @@ def main(args: argparse.Namespace) -> int:
     return build_cache(cfg, args.loaders, args.steps)
 
 
+@contextlib.contextmanager
+def cache_processes() -> Iterator[tuple[int, int]]:
+    """(rank, world) of this process; under torchrun (WORLD_SIZE > 1) inside a gloo process group, for the
+    barrier and the counts at the end (the work itself is shared out by rank, without messages)."""
+    import torch.distributed as dist
+
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        dist.init_process_group("gloo")
+    try:
+        yield rank, world
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
 def build_latent_cache(cfg: Config) -> int:
     """Cache the VAE posterior of every shard of data.parquet_folder not yet in data.latent_cache."""
     from sd3.commands.train import runtime_settings
@@ -58,10 +76,7 @@ def build_latent_cache(cfg: Config) -> int:
     import torch.distributed as dist
 
     enc = cfg.encoders
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1:
-        dist.init_process_group("gloo")  # only for the barrier and the count at the end
-    try:
+    with cache_processes() as (rank, world):
         with runtime_settings(cfg.train):
             vae = LatentVAE.load(enc.vae, enc.vae_subfolder, enc.device, enc.vae_dtype, with_decoder=False,
                                  micro_batch=enc.vae_micro_batch, memory_gb=enc.vae_memory_gb,
@@ -78,9 +93,6 @@ def build_latent_cache(cfg: Config) -> int:
                   f"({len(writer.reader.paths) - written} already there"
                   + (f"; {world} processes" if world > 1 else "") + ")", flush=True)
         return 0
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
 
 
 def build_cache(cfg: Config, num_loaders: int, max_steps: int = 0) -> int:
@@ -98,10 +110,7 @@ def write_cache(cfg: Config, num_loaders: int, max_steps: int) -> int:
     from sd3.data.cached import CacheWriter
     from sd3.encoders.producer import BatchProducer
 
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1:
-        dist.init_process_group("gloo")
-    try:
+    with cache_processes() as (rank, world):
         writer = CacheWriter(cfg.topology.cache_folder)
         skipped: dict[str, int] = {}
         producer = None
@@ -140,6 +149,3 @@ def write_cache(cfg: Config, num_loaders: int, max_steps: int) -> int:
             print(f"sd3 cache: {manifest['rows_cached']} rows in {manifest['files']} files in "
                   f"{cfg.topology.cache_folder} (skipped this run: {skipped})", flush=True)
         return 0
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
