@@ -97,7 +97,6 @@ class Validator:
         start = time.perf_counter()
         self.cfg = cfg
         self.device = device
-        self.every = cfg.validation.every
         self.out_dir = sample_dir(cfg.train.save_dir)
         vc = cfg.validation
         if not vc.prompts:
