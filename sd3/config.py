@@ -159,7 +159,8 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     warmup_steps: int = 1000
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # (the source's use_lr_scheduler=False is constant)
+    lr_schedule: Literal["constant", "cosine", "wsd"] = "constant"  # (the source's use_lr_scheduler=False is constant)
+    lr_decay_fraction: float = 0.2  # wsd: the last fraction of total_steps over which the lr decays linearly to 0
     grad_clip: float = 1.0
     # Autocast dtype; fp16 adds a GradScaler. auto: bf16 where the device runs it natively (CUDA with bf16, a CPU with
     # AVX512-BF16 or AMX), else fp32 — emulated bf16 on a CPU without them is 4-5x slower than fp32 (sd3/devices.py).

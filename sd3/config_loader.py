@@ -190,6 +190,7 @@ BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
     "train.eps": above(0),
     "train.weight_decay": at_least(0),
     "train.warmup_steps": at_least(0),
+    "train.lr_decay_fraction": ((lambda v: 0.0 < v <= 1.0), "in (0, 1]"),
     "train.grad_clip": above(0),
     "train.null_prob_pooled": PROBABILITY,
     "train.null_prob_gemma": PROBABILITY,

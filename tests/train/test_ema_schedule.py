@@ -107,6 +107,18 @@ def test_linear_warmup_then_cosine_to_zero():
     assert lr_factor(0, 0, 10, "cosine") == 1.0  # no warm-up: full lr at once
 
 
+def test_warmup_stable_decay_holds_the_lr_then_decays_linearly_over_the_last_fraction():
+    opt, sched = _scheduler(lr=1e-3, warmup_steps=10, total_steps=100, lr_schedule="wsd", lr_decay_fraction=0.3)
+    lrs = _lrs(opt, sched, 110)
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5e-3)
+    assert all(lr == pytest.approx(1e-3) for lr in lrs[10:71])  # stable until the last 30 steps
+    assert lrs[85] == pytest.approx(1e-3 * 15 / 30) and lrs[99] == pytest.approx(1e-3 / 30)
+    assert lrs[100] == 0.0 and lrs[109] == 0.0
+    assert all(a > b for a, b in zip(lrs[70:100], lrs[71:101], strict=True))  # strictly down to 0
+    with pytest.raises(ValueError, match="train.lr_decay_fraction"):
+        _scheduler(lr_schedule="wsd", lr_decay_fraction=0.0)
+
+
 def test_scheduler_state_resumes_under_weights_only_and_takes_the_new_shape():
     opt, sched = _scheduler(lr=1e-3, warmup_steps=10, total_steps=110, lr_schedule="cosine")
     full = _lrs(opt, sched, 40)
