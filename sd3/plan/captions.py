@@ -12,6 +12,7 @@ or draws from a normal mix (PlanSettings.caption_tokens_*: the issue's ~60-token
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,3 +53,16 @@ def tokens_per_caption(mix: CaptionMix, rows: int, max_tokens: int, micro_batch:
         lengths = np.minimum(rng.choice(pool, size=rows), max_tokens)  # (rows,)
         total += padded_tokens(lengths, micro_batch)
     return total / (SIMULATED_STEPS * rows)
+
+
+def forwards_per_step(rows: int, micro_batch: int) -> int:
+    """Forwards of one text encoder in a step of `rows` captions: one untrimmed (micro_batch <= 0), else one per
+    length-sorted micro-batch."""
+    return 1 if micro_batch <= 0 else math.ceil(rows / micro_batch)
+
+
+def step_seconds(position_s: float, positions: float, forwards: int, forward_overhead_s: float) -> float:
+    """The planner's time of one text encoder's step: a cost per token position it computes plus a fixed cost per
+    forward (launches, Python, the tokenizer's call; PlanSettings.text_forward_overhead_s), which trimming pays once
+    per micro-batch. Counting positions alone would credit trimming with the whole padding it removes."""
+    return position_s * positions + forward_overhead_s * forwards

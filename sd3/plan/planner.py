@@ -5,7 +5,8 @@ the GPU's bf16 peak × the part's assumed efficiency (PlanSettings), or what `--
 
 The cheaper-loader options of the configuration are planned as the loader runs them:
 - text encoders at the expected token positions per caption of a caption-length mix, padded as encoders.trim_text
-  and text_micro_batch pad them (sd3/plan/captions.py; plan.captions=full: every caption at the full length);
+  and text_micro_batch pad them (sd3/plan/captions.py; plan.captions=full: every caption at the full length), plus
+  plan.text_forward_overhead_s per forward (one per step untrimmed, one per micro-batch trimmed);
 - hybrid (topology.mode=hybrid, or data.latent_cache set): the VAE leaves the loader, and reading each image's cached
   posterior (sd3/data/latents.py: 2 x C x H/8 x W/8 bf16) at plan.cache_read_gb_per_s takes its place.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from sd3.config import Config
 from sd3.encoders.text import resolve_micro_batch
-from sd3.plan.captions import CaptionMix, tokens_per_caption
+from sd3.plan.captions import CaptionMix, forwards_per_step, tokens_per_caption
 from sd3.plan.counting import MMDiTFlops, mmdit_flops, part_flops
 from sd3.plan.encoders import PARTS, TEXT_PARTS, load_spec, local_folder, text_config, vae_kwargs
 from sd3.plan.layout import Prediction, candidate_layouts, configured_layout, predict, recommend
@@ -31,22 +32,24 @@ class PartCost:
     name: str
     flops_per_image: float
     flops_per_s: float  # achieved (assumed or measured)
-    io_s_per_image: float = 0.0  # time that is not FLOPs (hybrid: reading the cached posterior)
+    fixed_s_per_image: float = 0.0  # time that is not FLOPs (text: per-forward overhead; hybrid: reading the cache)
 
     @property
     def seconds_per_image(self) -> float:
         compute = self.flops_per_image / self.flops_per_s if self.flops_per_image else 0.0
-        return compute + self.io_s_per_image
+        return compute + self.fixed_s_per_image
 
 
 @dataclass(frozen=True)
 class LoaderWork:
     """What one loader does per image: FLOPs per part (no "vae" in hybrid), token positions per caption of each
-    text part, and the bytes of cached posterior it reads (0 unless hybrid)."""
+    text part, each text encoder's forwards per caption, and the bytes of cached posterior it reads (0 unless
+    hybrid)."""
 
     flops: dict[str, float]
     tokens: dict[str, float]
     cache_bytes: int = 0
+    forwards_per_caption: float = 0.0
 
     @property
     def hybrid(self) -> bool:
@@ -81,6 +84,11 @@ def uses_latent_cache(cfg: Config) -> bool:
     return cfg.topology.mode == "hybrid" or bool(cfg.data.latent_cache)
 
 
+def text_micro_batch(cfg: Config, rows: int) -> int:
+    """Captions per text-encoder forward in a loader step of `rows` captions; 0: untrimmed (one forward)."""
+    return resolve_micro_batch(cfg.encoders.text_micro_batch, rows) if cfg.encoders.trim_text else 0
+
+
 def caption_tokens(cfg: Config, settings: PlanSettings, rows: int) -> dict[str, float]:
     """Expected token positions per caption of each text part, for loader steps of `rows` captions. CLIP reads its
     own window (max_position_embeddings: 77 for Meta-CLIP) whatever model.text_tokens is, as sd3/encoders/text.py
@@ -91,7 +99,7 @@ def caption_tokens(cfg: Config, settings: PlanSettings, rows: int) -> dict[str, 
         return {part: float(window) for part, window in windows.items()}
     mix = CaptionMix.normal(settings.caption_tokens_long, settings.caption_tokens_short,
                             settings.caption_tokens_spread, cfg.data.long_caption_prob)
-    micro_batch = resolve_micro_batch(cfg.encoders.text_micro_batch, rows) if cfg.encoders.trim_text else 0
+    micro_batch = text_micro_batch(cfg, rows)
     return {part: tokens_per_caption(mix, rows, window, micro_batch) for part, window in windows.items()}
 
 
@@ -124,7 +132,8 @@ def count_costs(cfg: Config, settings: PlanSettings, height: int,
         cache = cache_bytes_per_image(cfg, height, width)
     else:
         flops["vae"] = part_flops("vae", 0, height, width, folder=local_folder("vae", cfg.encoders))
-    return LoaderWork(flops, tokens, cache), mmdit_flops(cfg.model, height, width)
+    forwards = forwards_per_step(rows, text_micro_batch(cfg, rows)) / rows
+    return LoaderWork(flops, tokens, cache, forwards), mmdit_flops(cfg.model, height, width)
 
 
 def make_plan(cfg: Config, settings: PlanSettings, height: int, width: int,
@@ -137,7 +146,8 @@ def make_plan(cfg: Config, settings: PlanSettings, height: int, width: int,
     if achieved is None:
         peak = settings.peak_flops
         achieved = {p: peak * settings.efficiency(p) for p in (*PARTS, "mmdit")}
-    parts = [PartCost(p, work.flops[p], achieved[p]) for p in PARTS if p in work.flops]
+    overhead = {p: settings.text_forward_overhead_s * work.forwards_per_caption for p in TEXT_PARTS}
+    parts = [PartCost(p, work.flops[p], achieved[p], overhead.get(p, 0.0)) for p in PARTS if p in work.flops]
     if work.hybrid:
         parts.append(PartCost("cache read", 0.0, 0.0, work.cache_bytes / (settings.cache_read_gb_per_s * 1e9)))
     l_img = sum(p.seconds_per_image for p in parts)

@@ -49,6 +49,11 @@ class PlanSettings:
     """Mean tokens of a `recaption_short` caption (issue 13: ~15)."""
     caption_tokens_spread: float = 0.25
     """Standard deviation of a caption's length, as a fraction of its column's mean."""
+    text_forward_overhead_s: float = 0.0
+    """Seconds each forward of a text encoder costs besides its FLOPs (kernel launches, Python, the tokenizer's
+    call), paid once per step untrimmed and once per micro-batch trimmed. 0: FLOPs only. `sd3 bench balance`
+    measures it on its encoders (a one-token caption); on a GPU it is of the order of the encoder's depth x its
+    kernels per layer x a launch (~5 us)."""
     cache_read_gb_per_s: float = 1.0
     """Hybrid mode: GB/s one loader reads VAE posteriors from data.latent_cache (a shared network filesystem's
     per-client rate, conservatively; a local NVMe does several times more). Drawing the latent from the posterior
@@ -94,5 +99,7 @@ def apply_plan_overrides(settings: PlanSettings, overrides: list[str]) -> list[s
             raise ConfigError(f"plan.{key} must be in (0, 1], got {value}")
         if key.startswith(("caption_tokens_", "cache_read_")) and value <= 0:
             raise ConfigError(f"plan.{key} must be > 0, got {value}")
+        if key == "text_forward_overhead_s" and value < 0:
+            raise ConfigError(f"plan.{key} must be >= 0, got {value}")
         setattr(settings, key, value)
     return rest

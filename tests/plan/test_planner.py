@@ -46,6 +46,20 @@ def test_trimmed_text_costs_the_mix_and_untrimmed_the_steps_longest():
     assert trimmed["predicted_stall_pct"] < untrimmed["predicted_stall_pct"] < full["predicted_stall_pct"]
 
 
+def test_each_text_forward_pays_its_fixed_cost_once_per_micro_batch():
+    """plan.text_forward_overhead_s: untrimmed one forward per loader step, trimmed one per micro-batch (a loader
+    step of the preset's 2+6 layout: 140 images x 3 model ranks = 420 captions; auto micro-batches of 53 -> 8)."""
+    overhead = 0.004
+    slow = PlanSettings(text_forward_overhead_s=overhead)
+    for overrides, forwards in (([], 8), (["--encoders.trim_text=false"], 1)):
+        free, paid = plan(overrides), plan(overrides, slow)
+        rows = 420
+        assert free["gemma_flops_per_image"] == paid["gemma_flops_per_image"]
+        extra = paid["gemma_s_per_image"] - free["gemma_s_per_image"]
+        assert extra == pytest.approx(overhead * forwards / rows)
+        assert paid["vae_s_per_image"] == free["vae_s_per_image"]
+
+
 def test_the_caption_mix_is_a_setting():
     settings = PlanSettings()
     rest = apply_plan_overrides(settings, ["--plan.caption_tokens_long=30", "--plan.captions=mix", "--x.y=1"])
@@ -59,6 +73,7 @@ def test_the_caption_mix_is_a_setting():
     ("--plan.captions=some", "plan.captions"),
     ("--plan.cache_read_gb_per_s=0", "plan.cache_read_gb_per_s"),
     ("--plan.caption_tokens_short=-1", "plan.caption_tokens_short"),
+    ("--plan.text_forward_overhead_s=-0.1", "plan.text_forward_overhead_s"),
 ])
 def test_bad_plan_settings_name_themselves(item, culprit):
     with pytest.raises(ConfigError, match=culprit):
