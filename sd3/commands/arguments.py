@@ -7,7 +7,10 @@ also accept `--section.key=value` overrides, collected into `args.overrides` (ch
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 import typing
+from pathlib import Path
 from types import ModuleType
 
 
@@ -35,3 +38,11 @@ def parse_command_args(module: ModuleType, prog: str, description: str, argv: li
 def run_command(module: ModuleType, prog: str, argv: list[str], description: str = "") -> int:
     """Parse `argv` for `module` and run it in this process; its exit code (errors propagate to the caller)."""
     return int(module.main(parse_command_args(module, prog, description, argv)) or 0)
+
+
+def torchrun_entry() -> list[str]:
+    """What follows torchrun's own options to start `sd3` on every rank: this environment's console script
+    (`--no-python sd3`), whose own directory comes first on sys.path, so a checkout named sd3/ in the working directory
+    cannot shadow the package as it does under `-m sd3`; `-m sd3` only where no console script is installed."""
+    script = shutil.which("sd3", path=str(Path(sys.executable).parent))
+    return ["--no-python", script] if script else ["-m", "sd3"]

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from sd3.commands import make_tiny
-from sd3.commands.arguments import run_command
+from sd3.commands.arguments import run_command, torchrun_entry
 from sd3.devices import resolve_precision_name
 
 HELDOUT_IMAGES = 64  # held-out shapes for the validation loss (validation.rows of the preset: 32)
@@ -187,7 +187,7 @@ def train(paths: Paths, args: argparse.Namespace) -> int:
         print(f"[5/6] train: done already ({paths.run}, step {done})", flush=True)
         return 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "sd3", "train", "--config", "tiny-cpu", *overrides(paths, args)]
+           *torchrun_entry(), "train", "--config", "tiny-cpu", *overrides(paths, args)]
     if args.force and done >= 0:
         cmd = [c for c in cmd if c != "--train.resume=auto"]
     print(f"[5/6] train: {args.steps} steps, 1 loader + {args.nproc - 1} model ranks"

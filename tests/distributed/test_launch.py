@@ -40,3 +40,11 @@ def test_console_script_launch_works_beside_a_checkout_named_sd3(tmp_path):
     done = launch(tmp_path, "--no-python", SCRIPT, env={**base, "PYTHONPATH": tree})
     assert "No module named" not in done.stderr
     assert TOPOLOGY_ERROR in done.stderr, done.stderr[-2000:]
+
+
+def test_the_commands_that_start_torchrun_use_the_console_script():
+    """`sd3 quickstart` and `sd3 bench balance` start their ranks the way README does, not with `-m sd3`."""
+    from sd3.commands.arguments import torchrun_entry
+
+    beside = shutil.which("sd3", path=str(Path(sys.executable).parent))
+    assert torchrun_entry() == (["--no-python", beside] if beside else ["-m", "sd3"])
