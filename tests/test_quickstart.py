@@ -47,10 +47,14 @@ def test_quickstart_tiny_run_then_resume(tmp_path):
     assert Image.open(grid).size[0] > 128
     trained = json.loads((tmp_path / "runs" / "quickstart" / "step-00000004" / "config.json").read_text())
     assert trained["train"]["precision"] == "fp32"  # --set reached the training run
+    # Hybrid mode: the loader read the posteriors stage 5 cached, one file per training shard.
+    assert trained["topology"]["mode"] == "hybrid"
+    latents = tmp_path / "data" / "quickstart" / "latents"
+    assert trained["data"]["latent_cache"] == str(latents) and list(latents.glob("*.safetensors"))
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("done already") == 5  # stages 1-5 skipped, only the grid is sampled again
+    assert second.stdout.count("done already") == 6  # stages 1-6 skipped, only the grid is sampled again
     assert second.stdout.strip().splitlines()[-1] == str(grid)
 
     # Other tiny models than the checkpoint was trained with (as after an upgrade): no silent resume.

@@ -95,6 +95,9 @@ def print_plan(name: str, plan: Plan, settings: PlanSettings, how: str) -> None:
         tokens = ", ".join(f"{part} {t:.1f}" for part, t in plan.work.tokens.items())
         vae = f"VAE posteriors read from the cache ({plan.work.cache_bytes / 1024:.0f} KiB/image)"
         print(f"text tokens per caption: {tokens}; {vae if plan.work.hybrid else 'VAE online'}")
+        if settings.text_forward_overhead_s > 0:
+            print(f"text encoders: {1e3 * settings.text_forward_overhead_s:.2f} ms per forward besides the FLOPs, "
+                  f"one forward per {1 / plan.work.forwards_per_caption:.1f} captions (in ms/image below)")
     print(f"{'part':<22}{'GFLOP/image':>13}{'TFLOP/s':>10}{'ms/image':>10}")
     for p in plan.parts:
         print(f"{'loader ' + p.name:<22}{p.flops_per_image / 1e9:>13.1f}{p.flops_per_s / 1e12:>10.3f}"

@@ -9,6 +9,7 @@ the optimizer and the EMA are built from those parameters. Both are applied from
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sd3.config import TrainConfig
 from sd3.train.fsdp import shard_model
+
+# Newer torch (2.13 here) names it forward_sync_buffers and warns on broadcast_buffers; older has only the latter.
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                          else {"broadcast_buffers": False})
 
 
 @dataclass
@@ -61,15 +67,15 @@ def parallelize(
     gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets instead of separate tensors
     copied into them, which saves one copy of the gradients (~5 GB at the 1.2B size in fp32). bucket_cap_mb:
     the bucket size; larger buckets mean fewer all-reduce launches, smaller ones start communicating earlier.
-    broadcast_buffers=False: the model's buffers (RoPE tables) are computed identically on every rank.
+    No buffer sync before each forward: the model's buffers (RoPE tables) are computed identically on every rank.
     """
     wrapped = model
     if sharded(cfg, ranks):
         shard_model(model, ranks.group, ranks.device, precision)
     elif ranks.is_ddp:
         wrapped = DistributedDataParallel(
-            model, process_group=ranks.group, broadcast_buffers=False, gradient_as_bucket_view=True,
-            bucket_cap_mb=cfg.bucket_cap_mb,
+            model, process_group=ranks.group, gradient_as_bucket_view=True, bucket_cap_mb=cfg.bucket_cap_mb,
+            **NO_FORWARD_BUFFER_SYNC,
         )
     if cfg.compile:
         wrapped = torch.compile(wrapped)
