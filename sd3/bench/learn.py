@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint dir or save_dir (default: the quick start's)")
     parser.add_argument("--n-loss", type=int, default=256, help="held-out images for the validation loss")
     parser.add_argument("--n-prompts", type=int, default=96,
-                        help="held-out captions to generate from (±4 % sampling error at 96)")
+                        help="held-out captions to generate from (±4 %% sampling error at 96)")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps per generated image")
     parser.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the checkpoint's [sample])")
     parser.add_argument("--sampler", default="euler")
