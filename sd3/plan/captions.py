@@ -61,8 +61,9 @@ def forwards_per_step(rows: int, micro_batch: int) -> int:
     return 1 if micro_batch <= 0 else math.ceil(rows / micro_batch)
 
 
-def step_seconds(position_s: float, positions: float, forwards: int, forward_overhead_s: float) -> float:
-    """The planner's time of one text encoder's step: a cost per token position it computes plus a fixed cost per
-    forward (launches, Python, the tokenizer's call; PlanSettings.text_forward_overhead_s), which trimming pays once
-    per micro-batch. Counting positions alone would credit trimming with the whole padding it removes."""
+def step_seconds(position_s: float, positions: float, forwards: float, forward_overhead_s: float) -> float:
+    """The planner's time of one text encoder's step (or image): a cost per unit of work it computes (a token
+    position, or a FLOP) plus a fixed cost per forward (launches, Python, the tokenizer's call;
+    PlanSettings.text_forward_overhead_s), which trimming pays once per micro-batch. Counting positions alone would
+    credit trimming with the whole padding it removes."""
     return position_s * positions + forward_overhead_s * forwards

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from sd3.config import Config
 from sd3.encoders.text import resolve_micro_batch
-from sd3.plan.captions import CaptionMix, forwards_per_step, tokens_per_caption
+from sd3.plan.captions import CaptionMix, forwards_per_step, step_seconds, tokens_per_caption
 from sd3.plan.counting import MMDiTFlops, mmdit_flops, part_flops
 from sd3.plan.encoders import PARTS, TEXT_PARTS, load_spec, local_folder, text_config, vae_kwargs
 from sd3.plan.layout import Prediction, candidate_layouts, configured_layout, predict, recommend
@@ -32,12 +32,17 @@ class PartCost:
     name: str
     flops_per_image: float
     flops_per_s: float  # achieved (assumed or measured)
-    fixed_s_per_image: float = 0.0  # time that is not FLOPs (text: per-forward overhead; hybrid: reading the cache)
+    forwards_per_image: float = 0.0  # text parts: forwards per caption, each paying forward_overhead_s
+    forward_overhead_s: float = 0.0
+    read_s_per_image: float = 0.0  # hybrid's "cache read": time that is neither FLOPs nor forwards
 
     @property
     def seconds_per_image(self) -> float:
-        compute = self.flops_per_image / self.flops_per_s if self.flops_per_image else 0.0
-        return compute + self.fixed_s_per_image
+        # One model of a text encoder's time for the planner and `sd3 bench balance`'s prediction (a FLOP is the
+        # planner's unit of work, a token position the benchmark's).
+        flop_s = 1.0 / self.flops_per_s if self.flops_per_image else 0.0
+        return step_seconds(flop_s, self.flops_per_image, self.forwards_per_image,
+                            self.forward_overhead_s) + self.read_s_per_image
 
 
 @dataclass(frozen=True)
@@ -146,10 +151,11 @@ def make_plan(cfg: Config, settings: PlanSettings, height: int, width: int,
     if achieved is None:
         peak = settings.peak_flops
         achieved = {p: peak * settings.efficiency(p) for p in (*PARTS, "mmdit")}
-    overhead = {p: settings.text_forward_overhead_s * work.forwards_per_caption for p in TEXT_PARTS}
-    parts = [PartCost(p, work.flops[p], achieved[p], overhead.get(p, 0.0)) for p in PARTS if p in work.flops]
+    parts = [PartCost(p, work.flops[p], achieved[p], work.forwards_per_caption, settings.text_forward_overhead_s)
+             if p in TEXT_PARTS else PartCost(p, work.flops[p], achieved[p]) for p in PARTS if p in work.flops]
     if work.hybrid:
-        parts.append(PartCost("cache read", 0.0, 0.0, work.cache_bytes / (settings.cache_read_gb_per_s * 1e9)))
+        read_s = work.cache_bytes / (settings.cache_read_gb_per_s * 1e9)
+        parts.append(PartCost("cache read", 0.0, 0.0, read_s_per_image=read_s))
     l_img = sum(p.seconds_per_image for p in parts)
     m_img = mmdit.executed / achieved["mmdit"]
     batch = cfg.data.batch_size

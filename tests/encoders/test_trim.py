@@ -216,8 +216,9 @@ def test_bench_balance_times_trimming_on_the_plans_caption_mix(tiny_cfg):
         assert out[f"{part}_s_untrimmed"] > 0 and out[f"{part}_s_trimmed"] > 0
         assert 0.5 < out[f"{part}_token_ratio"] < 1.0  # lengths spread by 25 %: trimming removes some padding
         # The planner's trimmed time: the untrimmed step less its one forward's fixed cost scales with the token
-        # positions; 8 captions in micro-batches of 2 pay the fixed cost 4 times.
+        # positions; 8 captions in micro-batches of 2 pay the fixed cost 4 times. (No order of the two times is
+        # asserted: on a busy machine one run of the one-token forward can take longer than the step.)
         untrimmed, overhead = out[f"{part}_s_untrimmed"], out[f"{part}_s_one_token"]
-        assert 0 < overhead < untrimmed
+        assert overhead > 0
         assert out[f"{part}_s_trimmed_predicted"] == pytest.approx(
-            (untrimmed - overhead) * out[f"{part}_token_ratio"] + 4 * overhead)
+            max(0.0, untrimmed - overhead) * out[f"{part}_token_ratio"] + 4 * overhead)
