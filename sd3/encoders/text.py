@@ -133,15 +133,17 @@ class TextEncoders:
         if self.micro_batch <= 0:
             return [(np.arange(len(captions)), self.tokenize(tokenizer, captions, max_length))]
         ids = tokenizer(captions, max_length=max_length, truncation=True)["input_ids"]  # B lists of token ids
+        lengths = np.array([len(i) for i in ids], dtype=np.int64)  # (B,)
         batches = []
-        for rows in length_sorted_chunks([len(i) for i in ids], resolve_micro_batch(self.micro_batch, len(ids))):
-            longest = len(ids[rows[0]])
-            input_ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)  # (b, L)
-            mask = torch.zeros(len(rows), longest, dtype=torch.long)  # (b, L)
+        for rows in length_sorted_chunks(lengths, resolve_micro_batch(self.micro_batch, len(ids))):
+            longest = int(lengths[rows[0]])
+            # Built in numpy, one tensor per micro-batch: per-row torch ops cost more than a tiny encoder's forward.
+            input_ids = np.full((len(rows), longest), tokenizer.pad_token_id, dtype=np.int64)  # (b, L)
             for k, row in enumerate(rows):
-                input_ids[k, :len(ids[row])] = torch.tensor(ids[row])
-                mask[k, :len(ids[row])] = 1
-            batches.append((rows, {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}))
+                input_ids[k, :lengths[row]] = ids[row]
+            mask = (np.arange(longest)[None, :] < lengths[rows][:, None]).astype(np.int64)  # (b, L)
+            tokens = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+            batches.append((rows, {k: v.to(self.device) for k, v in tokens.items()}))
         return batches
 
     def hidden(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, captions: list[str]) -> torch.Tensor:
