@@ -113,6 +113,37 @@ def test_reader_reads_only_the_needed_row_groups(tmp_path, monkeypatch):
     assert sorted(calls) == [0, 2]
 
 
+def test_reader_keeps_decoded_row_groups_within_its_budget(tmp_path, monkeypatch):
+    rows = [helpers.phase_row(helpers.solid_png(), caption=f"row {i}") for i in range(40)]
+    helpers.write_phase_shard(tmp_path / "a.parquet", rows, row_group_rows=8)
+    calls = []
+    original = pq.ParquetFile.read_row_group
+
+    def spy(self, i, *args, **kwargs):
+        calls.append(i)
+        return original(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    reader = ShardReader(tmp_path)
+    assert reader.read([17, 3], ["recaption"]).column("recaption").to_pylist() == ["row 17", "row 3"]
+    assert reader.read([2, 18, 30], ["recaption"]).column("recaption").to_pylist() == ["row 2", "row 18", "row 30"]
+    assert calls == [0, 2, 3]  # groups 0 and 2 came from the cache the second time
+    reader.read([17], ["image"])  # other columns: another entry
+    assert calls == [0, 2, 3, 2]
+
+    one_group = ShardReader(tmp_path)._row_group(0, 0, ["recaption"]).nbytes
+    small = ShardReader(tmp_path, cache_bytes=one_group)  # room for one row group: the least recent goes
+    calls.clear()
+    for row in (0, 8, 9, 0):  # groups 0, 1, 1 (kept), 0 (dropped for 1)
+        small.read([row], ["recaption"])
+    assert calls == [0, 1, 0] and small._group_bytes <= one_group
+    none = ShardReader(tmp_path, cache_bytes=0)
+    calls.clear()
+    for row in (0, 1):
+        none.read([row], ["recaption"])
+    assert calls == [0, 0]
+
+
 def test_raw_folder_without_bucket_size_is_named(shapes_phase):
     from sd3.data.shards import ShardError
 
