@@ -49,7 +49,7 @@ PROMPTS = (  # the shapes data's caption style: one chromatic shape on white or 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=".", help="where data/ and runs/ go (default: the current directory)")
     parser.add_argument("--steps", type=int, default=3500,
-                        help="training steps (optimizer steps; 2.5-3.2 min per 1000 on 2 cores in fp32)")
+                        help="training steps (optimizer steps; 2.4-3.0 min per 1000 on 2 cores in fp32)")
     # 20000 rather than 4000: 3500 steps of 32 images are 5.6 epochs instead of 28, and the shapes of the non-square
     # buckets (a fifth to a quarter of the images each) generalise to held-out prompts (bench learn shape accuracy
     # 76.0 -> 80.2 %); making and caching the extra images costs ~30 s.
