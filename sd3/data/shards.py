@@ -217,7 +217,6 @@ class ShardReader:
         back[np.concatenate(order)] = np.arange(len(row_ids))
         return table.take(pa.array(back))
 
-
     def _row_group(self, shard: int, group: int, columns: list[str]) -> pa.Table:
         """One row group's `columns`, from the cache of decoded row groups when it is there."""
         key = (shard, group, tuple(columns))

@@ -64,7 +64,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | N
     # CUDA: the fused kernel (one launch for all parameters, its step counters on the device: no host sync).
     # Elsewhere foreach (bit-deterministic on CPU). torch's fused CPU kernel is faster (2.3 against 8.7 ms a tiny-cpu
     # step) but rounds differently, and the quick start's measured accuracy is that of foreach's trajectory: the
-    # same recipe with fused scored colour 83 % instead of 93 % (the spread between trajectories, see README).
+    # same recipe with fused scored colour 83 % instead of 93 % (the spread between this recipe's trajectories).
     fused = device is not None and device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              **({"fused": True} if fused else {"foreach": True}))
