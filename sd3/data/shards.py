@@ -207,7 +207,7 @@ class ShardReader:
             group = np.searchsorted(starts, local[where], side="right") - 1
             for g in np.unique(group):
                 in_group = where[group == g]
-                table = self._row_group(int(s), int(g), columns)
+                table = self._row_group(pf, int(s), int(g), columns)
                 pieces.append(table.take(pa.array(local[in_group] - starts[g])))
                 order.append(in_group)
         if not pieces:
@@ -217,13 +217,13 @@ class ShardReader:
         back[np.concatenate(order)] = np.arange(len(row_ids))
         return table.take(pa.array(back))
 
-    def _row_group(self, shard: int, group: int, columns: list[str]) -> pa.Table:
-        """One row group's `columns`, from the cache of decoded row groups when it is there."""
+    def _row_group(self, pf: pq.ParquetFile, shard: int, group: int, columns: list[str]) -> pa.Table:
+        """One row group's `columns` of shard `shard` (open as `pf`), from the cache of decoded row groups when it
+        is there."""
         key = (shard, group, tuple(columns))
         if key in self._groups:
             self._groups.move_to_end(key)
             return self._groups[key]
-        pf, _ = self._file(shard)
         try:
             table = pf.read_row_group(group, columns=columns)
         except (OSError, pa.ArrowException) as e:
